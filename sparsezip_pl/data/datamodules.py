@@ -1,0 +1,373 @@
+"""LightningDataModules for instruction tuning and MME / POPE evaluation.
+
+Every module yields the sample dicts of :mod:`sparsezip_pl.data.common` (``SAMPLE_KEYS``). The
+LightningModule sets ``datamodule.collate_fn`` (a picklable ``list[dict] -> batch``) before the
+loaders are built; without it a batch is the list of sample dicts.
+
+Evaluation loaders are deterministic (no shuffling, no ``drop_last``): every sample exactly once per
+rank set, and the padding that Lightning's ``DistributedSampler`` adds is removed by the metrics'
+de-duplication by ``sample_id``.
+
+``datamodule.skipped`` maps skip reason -> count (see :mod:`sparsezip_pl.data.common`): set-up skips
+(identical on every rank) plus lazy image-decode skips seen by this rank's loaders.
+``EvalDataModule`` serves MME and POPE together in one loader (MME first), so one ``test`` run
+reports both; route each sample to its metric by ``sample["task"]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch.utils.data import ConcatDataset, Dataset
+
+from sparsezip_pl.data.common import SkipLedger, check_on_error
+from sparsezip_pl.data.instruction import build_instruct_dataset
+from sparsezip_pl.data.loader import SkipAwareCollate, SkipCountingDataLoader
+from sparsezip_pl.data.mme import build_mme_dataset
+from sparsezip_pl.data.pope import build_pope_dataset
+
+log = logging.getLogger(__name__)
+
+
+class _BaseDataModule(pl.LightningDataModule):
+    """Loader construction, collate hand-off and skip accounting shared by all modules."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        on_error: str,
+        cache_dir: str | None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.on_error = check_on_error(on_error)
+        self.cache_dir = cache_dir
+        self.collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None
+        self.skip_ledger = SkipLedger()
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Skip reason -> number of skipped items (see the module doc)."""
+        return self.skip_ledger.counts
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> SkipCountingDataLoader:
+        return SkipCountingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            drop_last=False,
+            collate_fn=SkipAwareCollate(self.collate_fn),
+            skip_ledger=self.skip_ledger,
+        )
+
+    def _log_built(self, what: str, dataset: Dataset) -> None:
+        log.info("%s: %d samples, %s", what, len(dataset), self.skip_ledger.summary())
+
+
+class InstructDataModule(_BaseDataModule):
+    """LLaVA-Instruct-style conversations for tuning (train, optional val).
+
+    Args:
+        train_source: training records: a JSON list / JSONL file, a folder of them or of parquet
+            files, or a Hugging Face hub id.
+        image_dir: folder the records' ``image`` paths are relative to (default: the source's folder).
+        val_source: optional validation records, same forms as ``train_source``.
+        val_image_dir: image folder for ``val_source`` (default: ``image_dir``).
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (image decoding runs there).
+        pin_memory: pin batches in page-locked memory (GPU runs).
+        shuffle: shuffle the training set each epoch.
+        on_error: ``raise`` stops at the first bad record or image; ``skip`` drops it, counts it in
+            ``datamodule.skipped`` and logs a warning.
+        check_images: check at set-up that every referenced image file exists.
+        max_samples: use only the first N valid training records.
+        hf_split: split name for parquet / hub sources (train and validation).
+        cache_dir: ``datasets`` cache folder for parquet / hub sources.
+    """
+
+    def __init__(
+        self,
+        train_source: str,
+        image_dir: str | None = None,
+        val_source: str | None = None,
+        val_image_dir: str | None = None,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        shuffle: bool = True,
+        on_error: Literal["raise", "skip"] = "raise",
+        check_images: bool = True,
+        max_samples: int | None = None,
+        hf_split: str = "train",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir)
+        self.train_source = train_source
+        self.image_dir = image_dir
+        self.val_source = val_source
+        self.val_image_dir = val_image_dir
+        self.shuffle = shuffle
+        self.check_images = check_images
+        self.max_samples = max_samples
+        self.hf_split = hf_split
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self._hide_val_hook()
+
+    def _hide_val_hook(self) -> None:
+        """Without validation data, un-override ``val_dataloader`` on this instance so Lightning
+        skips validation silently (an empty loader list would make it warn)."""
+        if not self.val_source:
+            self.val_dataloader = super().val_dataloader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("val_dataloader", None)  # a bound method; re-created on unpickling
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._hide_val_hook()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and validate the records (once)."""
+        if self.train_dataset is None and stage in (None, "fit"):
+            self.train_dataset = build_instruct_dataset(
+                self.train_source, self.image_dir, self.on_error, self.skip_ledger, "instruct",
+                self.hf_split, self.cache_dir, self.check_images, self.max_samples,
+            )
+            self._log_built(f"instruction data {self.train_source}", self.train_dataset)
+        if self.val_dataset is None and self.val_source and stage in (None, "fit", "validate"):
+            self.val_dataset = build_instruct_dataset(
+                self.val_source, self.val_image_dir or self.image_dir, self.on_error, self.skip_ledger,
+                "instruct-val", self.hf_split, self.cache_dir, self.check_images, None,
+            )
+            self._log_built(f"validation data {self.val_source}", self.val_dataset)
+
+    def train_dataloader(self) -> SkipCountingDataLoader:
+        """Shuffled training batches."""
+        self.setup("fit")
+        return self._loader(self.train_dataset, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> SkipCountingDataLoader:
+        """Validation batches in file order (only with a ``val_source``)."""
+        if not self.val_source:
+            raise ValueError("InstructDataModule has no val_source")
+        self.setup("validate")
+        return self._loader(self.val_dataset, shuffle=False)
+
+
+class _EvalDataModule(_BaseDataModule):
+    """Serves one evaluation data set to validate, test and predict, in a fixed order."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        on_error: str,
+        cache_dir: str | None,
+        verify_images: bool,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir)
+        self.verify_images = verify_images
+        self.dataset: Dataset | None = None
+
+    def _build(self) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and validate the annotations (once; the same set serves every stage)."""
+        if self.dataset is None:
+            self.dataset = self._build()
+            self._log_built(type(self).__name__, self.dataset)
+
+    def _eval_loader(self) -> SkipCountingDataLoader:
+        self.setup()
+        return self._loader(self.dataset, shuffle=False)
+
+    def val_dataloader(self) -> SkipCountingDataLoader:
+        """The evaluation set, in order."""
+        return self._eval_loader()
+
+    def test_dataloader(self) -> SkipCountingDataLoader:
+        """The evaluation set, in order."""
+        return self._eval_loader()
+
+    def predict_dataloader(self) -> SkipCountingDataLoader:
+        """The evaluation set, in order."""
+        return self._eval_loader()
+
+
+class MMEDataModule(_EvalDataModule):
+    """MME (14 yes/no subtasks) for validate / test / predict.
+
+    Args:
+        root: ``MME_Benchmark_release_version/`` (or the folder holding it), a folder of the
+            Hugging Face parquet files, or a hub id of that release.
+        subtasks: subtask names to evaluate; default: every subtask present in ``root`` (absent ones
+            are logged). Explicit names must be present; unknown names are an error.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (image decoding runs there).
+        pin_memory: pin batches in page-locked memory (GPU runs).
+        on_error: ``raise`` stops at the first bad file or image; ``skip`` drops the image's question
+            pair, counts it in ``datamodule.skipped`` and logs a warning.
+        verify_images: decode every image at set-up, so no sample can be skipped later (use with
+            ``skip`` on multi-GPU runs).
+        max_per_category: evaluate only the first N images (question pairs) of each subtask.
+        hf_split: split name for parquet / hub sources.
+        cache_dir: ``datasets`` cache folder for parquet / hub sources.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        subtasks: list[str] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_error: Literal["raise", "skip"] = "raise",
+        verify_images: bool = False,
+        max_per_category: int | None = None,
+        hf_split: str = "test",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir, verify_images)
+        self.root = root
+        self.subtasks = subtasks
+        self.max_per_category = max_per_category
+        self.hf_split = hf_split
+
+    def _build(self) -> Dataset:
+        return build_mme_dataset(
+            self.root, self.subtasks, self.on_error, self.skip_ledger, self.hf_split, self.cache_dir,
+            self.max_per_category, self.verify_images,
+        )
+
+
+class POPEDataModule(_EvalDataModule):
+    """POPE (object hallucination, yes/no; splits random / popular / adversarial).
+
+    Args:
+        source: a folder with ``coco_pope_SPLIT.json`` files, one such file, LLaVA's merged JSONL
+            (``category`` field), a folder of the Hugging Face parquet files, or a hub id.
+        image_dir: the COCO val2014 image folder for JSON sources (default: the JSON file's folder).
+        splits: splits to evaluate; default: every split present. Unknown names are an error.
+        label_dir: folder of ``coco_pope_SPLIT.json`` files supplying labels to a merged question
+            file that has none (LLaVA's ``llava_pope_test.jsonl``).
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (image decoding runs there).
+        pin_memory: pin batches in page-locked memory (GPU runs).
+        on_error: ``raise`` stops at the first bad line or image; ``skip`` drops the question,
+            counts it in ``datamodule.skipped`` and logs a warning.
+        verify_images: decode every image at set-up, so no sample can be skipped later.
+        max_per_category: evaluate only the first N questions of each split.
+        hf_split: split name for parquet / hub sources.
+        cache_dir: ``datasets`` cache folder for parquet / hub sources.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        image_dir: str | None = None,
+        splits: list[str] | None = None,
+        label_dir: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_error: Literal["raise", "skip"] = "raise",
+        verify_images: bool = False,
+        max_per_category: int | None = None,
+        hf_split: str = "test",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir, verify_images)
+        self.source = source
+        self.image_dir = image_dir
+        self.splits = splits
+        self.label_dir = label_dir
+        self.max_per_category = max_per_category
+        self.hf_split = hf_split
+
+    def _build(self) -> Dataset:
+        return build_pope_dataset(
+            self.source, self.image_dir, self.splits, self.label_dir, self.on_error, self.skip_ledger,
+            self.hf_split, self.cache_dir, self.max_per_category, self.verify_images,
+        )
+
+
+class EvalDataModule(_EvalDataModule):
+    """MME and POPE in one loader (MME samples first), so one ``test`` run reports both.
+
+    Give ``mme_root``, ``pope_source`` or both; route samples to metrics by ``sample["task"]``.
+
+    Args:
+        mme_root: MME source (see ``MMEDataModule.root``); None to leave MME out.
+        mme_subtasks: MME subtasks (default: all present).
+        pope_source: POPE source (see ``POPEDataModule.source``); None to leave POPE out.
+        pope_image_dir: COCO val2014 image folder for POPE JSON sources.
+        pope_splits: POPE splits (default: all present).
+        pope_label_dir: labels for a merged POPE question file without them.
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes (image decoding runs there).
+        pin_memory: pin batches in page-locked memory (GPU runs).
+        on_error: ``raise`` or ``skip`` (see ``MMEDataModule``).
+        verify_images: decode every image at set-up, so no sample can be skipped later.
+        max_per_category: first N MME images per subtask and first N POPE questions per split.
+        hf_split: split name for parquet / hub sources.
+        cache_dir: ``datasets`` cache folder for parquet / hub sources.
+    """
+
+    def __init__(
+        self,
+        mme_root: str | None = None,
+        mme_subtasks: list[str] | None = None,
+        pope_source: str | None = None,
+        pope_image_dir: str | None = None,
+        pope_splits: list[str] | None = None,
+        pope_label_dir: str | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        on_error: Literal["raise", "skip"] = "raise",
+        verify_images: bool = False,
+        max_per_category: int | None = None,
+        hf_split: str = "test",
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir, verify_images)
+        if mme_root is None and pope_source is None:
+            raise ValueError("EvalDataModule needs mme_root, pope_source or both")
+        self.mme_root = mme_root
+        self.mme_subtasks = mme_subtasks
+        self.pope_source = pope_source
+        self.pope_image_dir = pope_image_dir
+        self.pope_splits = pope_splits
+        self.pope_label_dir = pope_label_dir
+        self.max_per_category = max_per_category
+        self.hf_split = hf_split
+        self.parts: dict[str, Dataset] = {}
+
+    def _build(self) -> Dataset:
+        if self.mme_root is not None:
+            self.parts["mme"] = build_mme_dataset(
+                self.mme_root, self.mme_subtasks, self.on_error, self.skip_ledger, self.hf_split,
+                self.cache_dir, self.max_per_category, self.verify_images,
+            )
+        if self.pope_source is not None:
+            self.parts["pope"] = build_pope_dataset(
+                self.pope_source, self.pope_image_dir, self.pope_splits, self.pope_label_dir, self.on_error,
+                self.skip_ledger, self.hf_split, self.cache_dir, self.max_per_category, self.verify_images,
+            )
+        parts = list(self.parts.values())
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
