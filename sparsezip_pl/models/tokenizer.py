@@ -9,11 +9,14 @@ from pathlib import Path
 IMAGE_TOKEN = "<image>"
 
 
-def build_llama_tokenizer(texts: Iterable[str], folder: str | os.PathLike, vocab_size: int = 512):
+def build_llama_tokenizer(
+    texts: Iterable[str], folder: str | os.PathLike, vocab_size: int = 512, add_bos_token: bool = False
+):
     """Train a small SentencePiece BPE model on ``texts`` and return a ``LlamaTokenizer``.
 
     The tokenizer has byte fallback (any text encodes), BOS=1, EOS=2, UNK=0 (also used as pad),
-    and ``<image>`` as a special token that encodes to one id. It is saved to ``folder`` with
+    and ``<image>`` as a special token that encodes to one id. ``add_bos_token=True`` prepends BOS
+    to every encoded text, as LLaMA's own tokenizer does. It is saved to ``folder`` with
     ``save_pretrained`` so ``AutoTokenizer.from_pretrained(folder)`` reloads it.
     """
     import sentencepiece as spm
@@ -35,7 +38,7 @@ def build_llama_tokenizer(texts: Iterable[str], folder: str | os.PathLike, vocab
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    tokenizer = LlamaTokenizer.from_pretrained(str(folder))
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=add_bos_token)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.pad_token = tokenizer.unk_token
     tokenizer.save_pretrained(str(folder))

@@ -1,0 +1,138 @@
+"""Backend for the original LLaVA code (PyPI ``llava-torch``, imported as ``llava``; liuhaotian/llava-v1.5-*).
+
+``llava`` is imported lazily, so users of the transformers backend never need it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sparsezip_pl.models.backend import (
+    BatchMode,
+    LlavaBackend,
+    ModelNotAvailableError,
+    freeze,
+    is_offline,
+    resolve_pretrained,
+    torch_dtype,
+)
+from sparsezip_pl.models.batching import BatchBuilder, ConversationFormat, ImagePreprocessor, Tokenization
+
+IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
+
+
+def _import_llava():
+    try:
+        from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+    except ImportError as error:
+        raise ImportError(
+            "the 'llava' backend needs the original LLaVA code: pip install llava-torch --no-deps accelerate"
+        ) from error
+    return LlavaConfig, LlavaLlamaForCausalLM
+
+
+class OriginalLlavaBackend(LlavaBackend):
+    """The original code's ``LlavaLlamaForCausalLM``: ``vicuna_v1`` template, -200 placeholder, ``pad`` images."""
+
+    family = "llava"
+
+    def __init__(self, model, tokenizer=None, image_processor=None, conv_template: str = "vicuna_v1") -> None:
+        wrapper = model.get_vision_tower()
+        if wrapper is None or not getattr(wrapper, "is_loaded", False):
+            raise ValueError("the model's vision tower is not loaded (call get_vision_tower().load_model())")
+        image_processor = image_processor or getattr(wrapper, "image_processor", None)
+        self.conv_template = conv_template
+        super().__init__(model, tokenizer, image_processor)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str | os.PathLike,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        vision_tower: str | os.PathLike | None = None,
+        conv_template: str = "vicuna_v1",
+        **kwargs,
+    ) -> OriginalLlavaBackend:
+        """Load like ``llava.model.builder.load_pretrained_model`` (non-LoRA, full checkpoint), in ``dtype``.
+
+        The checkpoint holds no tower weights: the tower loads from ``mm_vision_tower`` (a hub id
+        such as openai/clip-vit-large-patch14-336, or a folder; a relative folder is looked up
+        inside the checkpoint folder), or from ``vision_tower`` when given.
+        """
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
+
+        llava_config_cls, model_cls = _import_llava()
+        path = resolve_pretrained(model_path, "LLaVA checkpoint (original llava code)")
+        offline = is_offline()
+        config = llava_config_cls.from_pretrained(path, local_files_only=offline)
+        tower_name = str(vision_tower or config.mm_vision_tower)
+        if not Path(tower_name).is_absolute() and (Path(path) / tower_name).is_dir():
+            tower_name = str(Path(path) / tower_name)
+        try:
+            tower_name = resolve_pretrained(tower_name, f"vision tower of {model_path}")
+        except ModelNotAvailableError as error:
+            raise ModelNotAvailableError(
+                f"{error}\n(A liuhaotian LLaVA checkpoint holds no vision-tower weights; they load from its "
+                "config's mm_vision_tower, or pass vision_tower=FOLDER.)"
+            ) from None
+        # The original code only accepts an existing folder or an openai/laion hub id here.
+        config.mm_vision_tower = tower_name
+        dtype = torch_dtype(dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+        model = model_cls.from_pretrained(
+            path, config=config, dtype=dtype, low_cpu_mem_usage=True, local_files_only=offline, **kwargs
+        )
+        # As load_pretrained_model: optional extra tokens, then the tower.
+        extra = []
+        if getattr(config, "mm_use_im_patch_token", True):
+            extra.append("<im_patch>")
+        if getattr(config, "mm_use_im_start_end", False):
+            extra += ["<im_start>", "<im_end>"]
+        if extra:
+            tokenizer.add_tokens(extra, special_tokens=True)
+            model.resize_token_embeddings(len(tokenizer))
+        wrapper = model.get_vision_tower()
+        if not wrapper.is_loaded:
+            # The body of CLIPVisionTower.load_model, with our dtype and offline flag.
+            wrapper.image_processor = CLIPImageProcessor.from_pretrained(tower_name, local_files_only=offline)
+            wrapper.vision_tower = CLIPVisionModel.from_pretrained(tower_name, dtype=dtype, local_files_only=offline)
+            wrapper.vision_tower.requires_grad_(False)
+            wrapper.is_loaded = True
+        model = freeze(model.to(device=torch.device(device), dtype=dtype))
+        return cls(model, tokenizer, conv_template=conv_template)
+
+    @property
+    def feature_layer(self) -> int:
+        return self.model.config.mm_vision_select_layer
+
+    @property
+    def select_strategy(self) -> str:
+        select = getattr(self.model.config, "mm_vision_select_feature", "patch")
+        return {"patch": "default", "cls_patch": "full"}.get(select, select)
+
+    @property
+    def image_token_id(self) -> int:
+        return IMAGE_TOKEN_INDEX
+
+    @property
+    def image_aspect_ratio(self) -> str:
+        return getattr(self.model.config, "image_aspect_ratio", "square")
+
+    def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
+        if self.tokenizer is None or self.image_processor is None:
+            raise ValueError("batch_builder needs the tokenizer and image processor (load with load_backend)")
+        if self.image_aspect_ratio not in ("pad", "square", None):
+            raise NotImplementedError(f"image_aspect_ratio {self.image_aspect_ratio!r} (LLaVA-1.5 uses 'pad')")
+        return BatchBuilder(
+            mode,
+            ConversationFormat(self.conv_template),
+            Tokenization(self.tokenizer, self.image_token_id, split_on_marker=True),
+            ImagePreprocessor(self.image_processor, pad_to_square=self.image_aspect_ratio == "pad"),
+            pad_token_id=self.pad_token_id,
+            eos_token=self.tokenizer.eos_token,
+            max_length=max_length,
+        )

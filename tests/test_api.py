@@ -1,0 +1,98 @@
+"""The two-line API on stock inputs of both families."""
+
+import pytest
+import torch
+
+from sparsezip_pl.api import build_config, sparsezip, unwrap
+from sparsezip_pl.compress import SparseZipConfig
+from sparsezip_pl.models import CompressedLlava, load_backend
+from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
+
+
+@pytest.fixture(scope="module", params=["hf", "llava"])
+def backend(request):
+    return load_backend(request.param, cached_tiny_llava(request.param))
+
+
+def _stock_inputs(backend, samples):
+    """What a user of the stock model passes to ``generate`` (batched, the family's own padding)."""
+    if backend.family == "hf":
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(backend.model.name_or_path)
+        prompts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s["question"]}]}],
+                add_generation_prompt=True,
+            )
+            for s in samples
+        ]
+        return dict(processor(images=[s["image"] for s in samples], text=prompts, padding=True, return_tensors="pt"))
+    from llava.conversation import conv_templates
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    ids = []
+    for s in samples:
+        conv = conv_templates["vicuna_v1"].copy()
+        conv.append_message(conv.roles[0], "<image>\n" + s["question"])
+        conv.append_message(conv.roles[1], None)
+        ids.append(tokenizer_image_token(conv.get_prompt(), backend.tokenizer, return_tensors="pt"))
+    length = max(len(i) for i in ids)
+    # The original code pads on the right (its tokenizer_padding_side).
+    input_ids = torch.stack([torch.cat([i, i.new_zeros(length - len(i))]) for i in ids])
+    attention_mask = torch.stack([torch.arange(length) < len(i) for i in ids]).long()
+    images = process_images([s["image"] for s in samples], backend.image_processor, backend.model.config)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "images": images}
+
+
+def _new_tokens(backend, inputs, output):
+    return output[:, inputs["input_ids"].shape[1] :] if backend.family == "hf" else output
+
+
+def test_wrapped_generate_equals_compressed_llava(backend):
+    samples = synthetic_samples(3, seed=5)
+    model = sparsezip(backend.model, method="visionzip", dominant=20, contextual=6)
+    assert model.sparsezip.config.dominant == 20 and model.sparsezip.config.merging.contextual_num == 6
+    inputs = _stock_inputs(backend, samples)
+    output = model.generate(**inputs, max_new_tokens=5)
+    if backend.family == "hf":
+        assert torch.equal(output[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    reference = CompressedLlava(backend, model.sparsezip.config)
+    expected, _ = reference.generate(backend.batch_builder("generate")(samples), max_new_tokens=5)
+    assert torch.equal(_new_tokens(backend, inputs, output), expected)
+
+
+def test_wrapped_method_none_equals_stock_generate(backend):
+    sample = synthetic_samples(1, seed=7)
+    inputs = _stock_inputs(backend, sample)
+    stock_inputs = dict(inputs)
+    if backend.family == "llava":
+        stock_inputs = {"inputs": inputs["input_ids"], "images": inputs["images"]}
+    stock = backend.model.generate(**stock_inputs, max_new_tokens=6, do_sample=False)
+    wrapped = sparsezip(backend.model, method="none")
+    assert torch.equal(wrapped.generate(**inputs, max_new_tokens=6), stock)
+
+
+def test_unwrap_and_proxies_leave_the_stock_model_untouched(backend):
+    model = backend.model
+    forward, generate = type(model).forward, type(model).generate
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    wrapped = sparsezip(model, method="sparsezip", k_max=32, dynk={"scale": 0.25})
+    assert wrapped.sparsezip.config.dynk.scale == 0.25 and wrapped.sparsezip.config.k_max == 32
+    assert unwrap(wrapped) is model
+    assert unwrap(model) is model
+    assert wrapped.config is model.config
+    assert wrapped.get_input_embeddings() is model.get_input_embeddings()
+    assert wrapped.family == backend.family
+    wrapped.generate(**_stock_inputs(backend, synthetic_samples(1)), max_new_tokens=2)
+    assert type(model).forward is forward and type(model).generate is generate
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    with pytest.raises(TypeError, match="already wrapped"):
+        sparsezip(wrapped)
+
+
+def test_build_config_rejects_unknown_fields():
+    assert build_config(method="none").method == "none"
+    assert build_config(SparseZipConfig(dominant=5), contextual=3).dominant == 5
+    with pytest.raises(TypeError):
+        build_config(not_a_field=1)
