@@ -1,0 +1,277 @@
+"""The LightningModule: a frozen LLaVA plus a trainable SparseZip compressor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from sparsezip_pl.compress import SparseZipConfig
+from sparsezip_pl.data.answers import parse_mme_answer, parse_pope_answer
+from sparsezip_pl.lit.metrics import MMEScore, POPEScore
+
+Objective = Literal["lm", "distill", "mix"]
+_COMPRESSOR_PREFIX = "model.compressor."
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def _default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+
+
+def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logits that predict answer tokens, flattened in sequence order: [M, V].
+
+    A causal LM's logits at position t predict token t + 1, so position t is kept when
+    ``labels[t + 1] != -100``. Two sequences with the same answer tokens (for example the same
+    sample with a different number of visual tokens) give the same M rows in the same order.
+    """
+    targets = labels[:, 1:] != -100
+    return logits[:, :-1][targets]
+
+
+def select_samples(batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
+    """The rows ``indices`` of a collated batch (tensors and per-sample lists alike)."""
+    size = len(batch["meta"])
+    index = torch.tensor(indices, dtype=torch.long)
+    picked: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            picked[key] = value[index.to(value.device)]
+        elif isinstance(value, list) and len(value) == size:
+            picked[key] = [value[i] for i in indices]
+        else:
+            picked[key] = value
+    return picked
+
+
+class SparseZipModule(L.LightningModule):
+    """Tunes a SparseZip compressor inside a frozen LLaVA and evaluates it on MME and POPE.
+
+    Args:
+        backend: model family, ``hf`` (transformers' llava-hf models) or ``llava`` (the original
+            LLaVA code, PyPI ``llava-torch``).
+        model_path: hub id or local folder of the LLaVA checkpoint.
+        dtype: dtype of the frozen LLaVA weights (``float32``, ``bfloat16``, ``float16``).
+        compressor: the compression method and its settings.
+        objective: ``lm`` (cross-entropy on answer tokens), ``distill`` (KL from the same
+            frozen model fed all visual tokens, on answer positions; needs no labels beyond the
+            answer positions) or ``mix`` (``(1 - distill_weight) * lm + distill_weight * distill``).
+        distill_weight: weight of the distillation term in ``mix``.
+        distill_temperature: softmax temperature of the distillation KL.
+        budget_target: target mean number of visual tokens per image; ``None`` disables the
+            budget penalty.
+        budget_weight: weight of the budget penalty ``((E[tokens] - target) / target) ** 2``.
+        max_new_tokens: greedy decoding length for evaluation and prediction.
+        optimizer: optimizer factory applied to the compressor's parameters only.
+    """
+
+    def __init__(
+        self,
+        backend: Literal["hf", "llava"] = "hf",
+        model_path: str = "checkpoints/tiny-llava-synth",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        compressor: SparseZipConfig | None = None,
+        objective: Objective = "distill",
+        distill_weight: float = 0.5,
+        distill_temperature: float = 1.0,
+        budget_target: float | None = 64.0,
+        budget_weight: float = 0.1,
+        max_new_tokens: int = 8,
+        optimizer: OptimizerFactory = _default_optimizer,
+    ) -> None:
+        super().__init__()
+        from sparsezip_pl.models import CompressedLlava, load_backend
+
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.compressor_config = compressor or SparseZipConfig()
+        if objective not in ("lm", "distill", "mix"):
+            raise ValueError(f"objective must be 'lm', 'distill' or 'mix', got {objective!r}")
+        if budget_target is not None and budget_target <= 0:
+            raise ValueError(f"budget_target must be positive, got {budget_target}")
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.backend = load_backend(backend, model_path, dtype=dtype)
+        self.model = CompressedLlava(self.backend, self.compressor_config)
+        self.mme = MMEScore()
+        self.pope = POPEScore()
+        # Records answered by an earlier, interrupted run (filled by ``PredictionWriter``).
+        self.completed_records: dict[str, dict[str, Any]] = {}
+
+    # ----------------------------------------------------------------- batches
+    def setup(self, stage: str) -> None:
+        """Hands the datamodule the backend's collate function: training batches (prompt, answer
+        and labels) for instruction data, generation batches (prompt only) for benchmarks."""
+        from sparsezip_pl.data.datamodules import InstructDataModule
+
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "collate_fn"):
+            mode = "train" if isinstance(datamodule, InstructDataModule) else "generate"
+            datamodule.collate_fn = self.backend.batch_builder(mode)
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        loss, logs, compression = self._tuning_loss(batch)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=len(batch["input_ids"]), prog_bar=True)
+        return {"loss": loss, "compression": compression}
+
+    def _tuning_loss(self, batch: dict[str, Any]):
+        out = self.model(batch)
+        logs: dict[str, torch.Tensor] = {}
+        loss = out.logits.new_zeros(())
+        if self.objective in ("lm", "mix"):
+            logs["lm"] = out.loss
+            loss = loss + (1.0 - self.hparams.distill_weight if self.objective == "mix" else 1.0) * out.loss
+        if self.objective in ("distill", "mix"):
+            with torch.no_grad():
+                teacher = self.model(batch, method="none")
+            kl = self._distillation(out, teacher)
+            logs["distill"] = kl
+            loss = loss + (self.hparams.distill_weight if self.objective == "mix" else 1.0) * kl
+        expected = out.compression.expected_tokens.float().mean()
+        logs["expected_tokens"] = expected.detach()
+        if self.hparams.budget_target is not None:
+            target = float(self.hparams.budget_target)
+            penalty = ((expected - target) / target) ** 2
+            logs["budget_penalty"] = penalty.detach()
+            loss = loss + self.hparams.budget_weight * penalty
+        logs["loss"] = loss.detach()
+        return loss, logs, out.compression
+
+    def _distillation(self, student, teacher) -> torch.Tensor:
+        temperature = self.hparams.distill_temperature
+        s = answer_position_logits(student.logits, student.labels).float() / temperature
+        t = answer_position_logits(teacher.logits, teacher.labels).float() / temperature
+        if s.shape != t.shape:
+            raise RuntimeError(f"student and teacher answer positions differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+        if s.numel() == 0:
+            return student.logits.sum() * 0.0
+        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature**2
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "labels" in batch:
+            loss, logs, compression = self._tuning_loss(batch)
+            self.log_dict({f"val/{k}": v for k, v in logs.items()}, batch_size=len(batch["input_ids"]), sync_dist=True)
+            return {"loss": loss, "compression": compression}
+        return self._evaluate(batch, "val")
+
+    # ------------------------------------------------------------- evaluation
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._evaluate(batch, "predict")
+
+    def _answer(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Greedy answers for a generation batch, with parsed answers and token counts."""
+        generated, compression = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
+        texts = self.backend.decode(generated)
+        records = []
+        tokens = compression.num_tokens.tolist()
+        for meta, text, n_tokens in zip(batch["meta"], texts, tokens):
+            parser = parse_pope_answer if meta["task"] == "pope" else parse_mme_answer
+            records.append(
+                {
+                    "sample_id": meta["sample_id"],
+                    "task": meta["task"],
+                    "category": meta["category"],
+                    "question": meta.get("question"),
+                    "image_path": meta.get("image_path"),
+                    "pair_id": meta.get("pair_id"),
+                    "prediction": text,
+                    "parsed": parser(text),
+                    "answer": meta.get("answer"),
+                    "visual_tokens": int(n_tokens),
+                }
+            )
+        return {"records": records, "compression": compression}
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        """Answers the samples of a batch that no earlier run answered (see ``PredictionWriter``),
+        and scores all of them."""
+        done = self.completed_records if stage in ("test", "predict") else {}
+        ids = [meta["sample_id"] for meta in batch["meta"]]
+        todo = [i for i, sample_id in enumerate(ids) if sample_id not in done]
+        new_records: list[dict[str, Any]] = []
+        compression = None
+        if todo:
+            answered = self._answer(batch if len(todo) == len(ids) else select_samples(batch, todo))
+            new_records, compression = answered["records"], answered["compression"]
+        by_id = {record["sample_id"]: record for record in new_records}
+        records = [by_id[i] if i in by_id else done[i] for i in ids]
+        if stage != "predict":
+            self.update_metrics(records)
+        return {"records": records, "new_records": new_records, "compression": compression}
+
+    def update_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Feed answered records into the MME / POPE metrics (records from any source)."""
+        mme = [r for r in records if r["task"] == "mme"]
+        pope = [r for r in records if r["task"] == "pope"]
+        if mme:
+            self.mme.update(
+                sample_ids=[r["sample_id"] for r in mme],
+                pair_ids=[r["pair_id"] for r in mme],
+                categories=[r["category"] for r in mme],
+                predictions=[r["parsed"] for r in mme],
+                targets=[r["answer"] for r in mme],
+            )
+        if pope:
+            self.pope.update(
+                sample_ids=[r["sample_id"] for r in pope],
+                categories=[r["category"] for r in pope],
+                predictions=[r["parsed"] for r in pope],
+                targets=[r["answer"] for r in pope],
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
+
+    def _log_eval_metrics(self, stage: str) -> None:
+        results: dict[str, float] = {}
+        for name, metric in (("mme", self.mme), ("pope", self.pope)):
+            if metric.update_called:
+                results.update({f"{stage}/{name}/{k}": float(v) for k, v in metric.compute().items()})
+            metric.reset()
+        self.eval_results = results
+        if results:
+            self.log_dict(results, sync_dist=False)
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.compressor.parameters() if p.requires_grad]
+        return self.optimizer_factory(params)
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        for logger in self.loggers:
+            logger.log_hyperparams({"trainable_parameters": trainable, "frozen_parameters": frozen})
+        self.print(f"SparseZip: {trainable} trainable parameters (compressor), {frozen} frozen (LLaVA)")
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(_COMPRESSOR_PREFIX)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints hold only the compressor; the frozen LLaVA weights were loaded from
+        # ``model_path`` when the module was rebuilt. Fill them in so loading stays strict: a
+        # half-loaded compressor would score the untuned method under the tuned name.
+        state = checkpoint["state_dict"]
+        current = self.state_dict()
+        expected = {k for k in current if k.startswith(_COMPRESSOR_PREFIX)}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks compressor weights {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                "was it saved with a different compressor configuration (method, layers, cross_beta)?"
+            )
+        for key, value in current.items():
+            if not key.startswith(_COMPRESSOR_PREFIX):
+                state.setdefault(key, value)
