@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) bench/compressor.py
+	$(PY) -m sparsezip_pl.demo.pipeline
 
 bench: $(STAMP)
 	$(PY) bench/compressor.py
+	$(PY) bench/e2e.py
