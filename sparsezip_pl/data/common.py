@@ -18,7 +18,8 @@ Skip reasons (the keys of ``datamodule.skipped``):
 ``missing_image``, ``corrupt_image``, ``malformed_json``, ``bad_field``, ``malformed_pair``,
 ``bad_answer``, ``unknown_subtask``, ``unknown_split``, ``duplicate_id``, ``no_gpt_turn``,
 ``missing_image_marker``, ``repeated_image_marker``, ``misplaced_image_marker``,
-``unexpected_image_marker``, ``bad_conversation``.
+``unexpected_image_marker``, ``bad_conversation``; and, found when a batch is built (the
+LightningModule knows the LLM's context), ``prompt_too_long``.
 """
 
 from __future__ import annotations
@@ -121,6 +122,11 @@ class SkipLedger:
     def counts(self) -> dict[str, int]:
         """Reason -> number of distinct skipped items."""
         return {reason: len(keys) for reason, keys in sorted(self._keys.items()) if keys}
+
+    @property
+    def keys(self) -> dict[str, set[str]]:
+        """Reason -> the keys of its skipped items (to merge the ledgers of several processes)."""
+        return {reason: set(keys) for reason, keys in self._keys.items() if keys}
 
     @property
     def total(self) -> int:

@@ -17,15 +17,17 @@ reports both; route each sample to its metric by ``sample["task"]``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from torch.utils.data import ConcatDataset, Dataset
+import torch
+from torch.utils.data import ConcatDataset, Dataset, DistributedSampler, Sampler
 
 from sparsezip_pl.data.common import SkipLedger, check_on_error
 from sparsezip_pl.data.instruction import build_instruct_dataset
-from sparsezip_pl.data.loader import SkipAwareCollate, SkipCountingDataLoader
+from sparsezip_pl.data.loader import EpochSeededRandomSampler, SkipAwareCollate, SkipCountingDataLoader
 from sparsezip_pl.data.mme import build_mme_dataset
 from sparsezip_pl.data.pope import build_pope_dataset
 
@@ -57,11 +59,12 @@ class _BaseDataModule(pl.LightningDataModule):
         """Skip reason -> number of skipped items (see the module doc)."""
         return self.skip_ledger.counts
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> SkipCountingDataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, sampler: Sampler | None = None) -> SkipCountingDataLoader:
         return SkipCountingDataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
@@ -86,13 +89,15 @@ class InstructDataModule(_BaseDataModule):
         batch_size: samples per batch.
         num_workers: DataLoader worker processes (image decoding runs there).
         pin_memory: pin batches in page-locked memory (GPU runs).
-        shuffle: shuffle the training set each epoch.
+        shuffle: shuffle the training set each epoch. The order of epoch ``e`` depends only on
+            ``seed + e``, so a run resumed mid-epoch from a checkpoint replays it exactly.
         on_error: ``raise`` stops at the first bad record or image; ``skip`` drops it, counts it in
             ``datamodule.skipped`` and logs a warning.
         check_images: check at set-up that every referenced image file exists.
         max_samples: use only the first N valid training records.
         hf_split: split name for parquet / hub sources (train and validation).
         cache_dir: ``datasets`` cache folder for parquet / hub sources.
+        seed: shuffling seed; default: the run's ``seed_everything`` value (``PL_GLOBAL_SEED``), else 0.
     """
 
     def __init__(
@@ -110,8 +115,10 @@ class InstructDataModule(_BaseDataModule):
         max_samples: int | None = None,
         hf_split: str = "train",
         cache_dir: str | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir)
+        self.seed = seed
         self.train_source = train_source
         self.image_dir = image_dir
         self.val_source = val_source
@@ -155,9 +162,22 @@ class InstructDataModule(_BaseDataModule):
             self._log_built(f"validation data {self.val_source}", self.val_dataset)
 
     def train_dataloader(self) -> SkipCountingDataLoader:
-        """Shuffled training batches."""
+        """Training batches (shuffled unless ``shuffle`` is False), resumable mid-epoch."""
         self.setup("fit")
-        return self._loader(self.train_dataset, shuffle=self.shuffle)
+        return self._loader(self.train_dataset, shuffle=False, sampler=self._train_sampler())
+
+    def _train_sampler(self) -> Sampler | None:
+        """An order that depends only on the seed and the epoch (so a resumed run replays it).
+
+        Under DDP this is a ``DistributedSampler`` built here, because the one Lightning would
+        inject always shuffles training data; with the same seed it draws the same permutation
+        as the one-process sampler, so the global batches of 1 x B and P x B/P runs are the same.
+        """
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))  # Lightning's default
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                return DistributedSampler(self.train_dataset, shuffle=self.shuffle, seed=seed, drop_last=False)
+        return EpochSeededRandomSampler(self.train_dataset, seed) if self.shuffle else None
 
     def val_dataloader(self) -> SkipCountingDataLoader:
         """Validation batches in file order (only with a ``val_source``)."""

@@ -7,6 +7,8 @@ reaches into the model.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,8 +33,20 @@ def _tensorboard(trainer: L.Trainer):
 
 
 def _run_dir(trainer: L.Trainer) -> Path:
-    """The folder of this run: the logger's version folder, or the trainer's root dir."""
+    """The folder of this run: the logger's version folder, or the trainer's root dir.
+
+    Collective under DDP (``trainer.log_dir`` broadcasts): every process must call it.
+    """
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _all_gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
+    """``obj`` of every process (``[obj]`` in a single process); collective under DDP."""
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def llm_parameter_count(backend) -> int:
@@ -53,12 +67,17 @@ class TokenBudgetLogger(L.Callback):
     FLOPs saved are estimated as ``2 * P * removed_tokens``, with ``P`` the LLM's parameters
     outside the embedding table and ``removed_tokens = N - T_b`` the visual tokens the image no
     longer sends; attention's quadratic term is left out, so the figure is a lower bound.
+
+    Evaluation figures come from the answered records, per sample id: samples answered by an
+    earlier, interrupted run count too, and under DDP the processes' records are gathered and
+    each sample counted once (DistributedSampler's padding repeats some).
     """
 
     def __init__(self, train_log_every_n_steps: int = 10) -> None:
         self.train_log_every_n_steps = train_log_every_n_steps
         self._tokens: list[torch.Tensor] = []
         self._dominant: list[torch.Tensor] = []
+        self._samples: dict[str, tuple[int, int | None]] = {}
         self._num_patches = 0
         self._llm_params: int | None = None
 
@@ -68,7 +87,16 @@ class TokenBudgetLogger(L.Callback):
         return self._llm_params
 
     def _collect(self, outputs: Any) -> None:
-        if not isinstance(outputs, dict) or outputs.get("compression") is None:
+        if not isinstance(outputs, dict):
+            return
+        if outputs.get("records") is not None:
+            for record in outputs["records"]:
+                if "visual_tokens" in record:
+                    self._samples[record["sample_id"]] = (record["visual_tokens"], record.get("dominant_tokens"))
+            if outputs.get("compression") is not None:
+                self._num_patches = outputs["compression"].cluster_map.shape[1]
+            return
+        if outputs.get("compression") is None:
             return
         compression = outputs["compression"]
         self._num_patches = compression.cluster_map.shape[1]
@@ -77,15 +105,18 @@ class TokenBudgetLogger(L.Callback):
 
     def _summary(self, tokens: torch.Tensor, dominant: torch.Tensor, pl_module) -> dict[str, float]:
         tokens = tokens.float()
-        removed = (self._num_patches - tokens).clamp(min=0)
-        return {
+        num_patches = self._num_patches or getattr(getattr(pl_module, "backend", None), "num_patches", 0)
+        removed = (num_patches - tokens).clamp(min=0)
+        stats = {
             "tokens_mean": tokens.mean().item(),
             "tokens_min": tokens.min().item(),
             "tokens_max": tokens.max().item(),
-            "k_mean": dominant.float().mean().item(),
-            "compression_ratio": (tokens.mean() / max(self._num_patches, 1)).item(),
+            "compression_ratio": (tokens.mean() / max(num_patches, 1)).item(),
             "prefill_gflops_saved_per_image": (2 * self._llm_parameters(pl_module) * removed.mean() / 1e9).item(),
         }
+        if dominant.numel():
+            stats["k_mean"] = dominant.float().mean().item()
+        return stats
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._collect(outputs)
@@ -105,9 +136,20 @@ class TokenBudgetLogger(L.Callback):
         self._collect(outputs)
 
     def _flush(self, trainer, pl_module, stage: str) -> None:
-        if not self._tokens:
+        if stage != "val" or self._samples:  # test / predict batches always carry records
+            merged: dict[str, tuple[int, int | None]] = {}
+            for samples in _all_gather_objects(trainer, self._samples):
+                for sample_id, counts in samples.items():
+                    merged.setdefault(sample_id, counts)
+            self._samples = {}
+            if not merged:
+                return
+            tokens = torch.tensor([t for t, _ in merged.values()])
+            dominant = torch.tensor([k for _, k in merged.values() if k is not None], dtype=torch.long)
+        elif self._tokens:
+            tokens, dominant = torch.cat(self._tokens), torch.cat(self._dominant)
+        else:
             return
-        tokens, dominant = torch.cat(self._tokens), torch.cat(self._dominant)
         self._tokens.clear()
         self._dominant.clear()
         stats = self._summary(tokens, dominant, pl_module)
@@ -223,7 +265,20 @@ class PredictionWriter(L.Callback):
 
     With ``resume`` (the default), records already in ``output_dir`` are handed to the module,
     which answers only the samples not yet there; point ``output_dir`` at a fixed folder to
-    resume an interrupted run. Existing files are only ever appended to.
+    resume an interrupted run. The rank files are the source of truth and are only ever appended
+    to; a line torn by a kill is ignored (that sample is answered again) and closed with a newline
+    before appending. ``predictions.jsonl`` and the official files are derived from them at the
+    end of each run and replaced atomically (written aside, then renamed), so a kill during that
+    step leaves the previous version and the next run writes them again.
+
+    ``run.json`` in the folder records what determines the answers (model, dtype, compressor
+    settings and weights, decoding length); resuming into a folder written with other settings is
+    an error rather than a silent mix of two methods' answers.
+
+    Args:
+        output_dir: folder of the prediction files; default: ``predictions/`` in the run's log
+            folder (a new folder per run, so give a fixed folder to be able to resume).
+        resume: reuse the answers already in ``output_dir``; False refuses a folder that holds any.
     """
 
     def __init__(self, output_dir: str | None = None, resume: bool = True) -> None:
@@ -242,26 +297,80 @@ class PredictionWriter(L.Callback):
         """Records of all rank files in ``folder`` by sample id; a torn last line is ignored."""
         records: dict[str, dict[str, Any]] = {}
         for path in sorted(folder.glob("predictions.rank*.jsonl")):
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8", errors="replace") as handle:
                 for line in handle:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut short by a kill: that sample is answered again
-                    records.setdefault(record["sample_id"], record)
+                    if isinstance(record, dict) and "sample_id" in record:
+                        records.setdefault(record["sample_id"], record)
         return records
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage not in ("test", "predict"):
-            return
+        if stage in ("test", "predict"):
+            self.folder(trainer)  # collective under DDP: resolve it on every process now
+
+    def _open(self, trainer, pl_module) -> None:
+        """Check the folder's settings, hand the module the finished records, open this rank's
+        file. Runs when the loop starts, after Lightning has loaded any ``ckpt_path``."""
         folder = self.folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
+        self._check_settings(trainer, pl_module, folder)
         if self.resume:
             done = self.read_records(folder)
             pl_module.completed_records = done
             if done and trainer.is_global_zero:
                 pl_module.print(f"PredictionWriter: resuming, {len(done)} samples already answered in {folder}")
-        self._file = open(folder / f"predictions.rank{trainer.global_rank}.jsonl", "a", encoding="utf-8")
+        path = folder / f"predictions.rank{trainer.global_rank}.jsonl"
+        _end_torn_line(path)
+        self._file = open(path, "a", encoding="utf-8")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._open(trainer, pl_module)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._open(trainer, pl_module)
+
+    @staticmethod
+    def settings(pl_module) -> dict[str, Any]:
+        """What decides the answers: the module's evaluation hyper-parameters and a digest of the
+        compressor's weights (as loaded from any checkpoint)."""
+        training_only = {"objective", "distill_weight", "distill_temperature", "budget_target", "budget_weight"}
+        hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {})).items()
+                   if k not in training_only and not k.startswith("_")}
+        model = getattr(pl_module, "model", None)
+        compressor = getattr(model, "compressor", None)
+        if compressor is not None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(compressor.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            hparams["compressor_weights_sha256"] = digest.hexdigest()
+        return json.loads(json.dumps(hparams, sort_keys=True, default=to_jsonable))
+
+    def _check_settings(self, trainer, pl_module, folder: Path) -> None:
+        """Refuse to add answers to a folder holding answers of other settings (every process
+        reaches the same verdict: they read the same files before rank 0 writes ``run.json``)."""
+        current = self.settings(pl_module)
+        path = folder / "run.json"
+        has_predictions = any(folder.glob("predictions.rank*.jsonl"))
+        advice = "Use another predictions.output_dir or delete the folder."
+        if has_predictions and not self.resume:
+            raise ValueError(f"{folder} already holds predictions and predictions.resume is false. {advice}")
+        if path.exists():
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            if previous != current:
+                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+                raise ValueError(
+                    f"{folder} holds predictions made with other settings (differing: {changed}); resuming "
+                    f"there would mix two configurations' answers. {advice}"
+                )
+        elif has_predictions:
+            raise ValueError(f"{folder} holds predictions but no run.json saying how they were made. {advice}")
+        trainer.strategy.barrier()
+        if trainer.is_global_zero and not path.exists():
+            _atomic_write(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
     def _write(self, outputs) -> None:
         if self._file is None or not isinstance(outputs, dict):
@@ -298,14 +407,35 @@ class PredictionWriter(L.Callback):
             self._file = None
 
 
+def to_jsonable(value: Any) -> Any:
+    """``json.dumps`` fallback: dataclasses (configs) as dicts, anything else as its string."""
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _end_torn_line(path: Path) -> None:
+    """Close a last line that a kill left without its newline, so appended records start clean."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) != b"\n":
+            handle.write(b"\n")
+
+
 def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> None:
     """Merged predictions plus MME's and POPE's official answer files, written atomically."""
 
     def write(path: Path, lines: list[str]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        tmp.replace(path)
+        _atomic_write(path, "".join(lines))
 
     ordered = sorted(records.values(), key=lambda r: r["sample_id"])
     write(folder / "predictions.jsonl", [json.dumps(r, ensure_ascii=False) + "\n" for r in ordered])
@@ -328,14 +458,19 @@ def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> No
 
 class ResultsTable(L.Callback):
     """At the end of ``test``, prints the benchmark figures and saves them as ``results.json``
-    and a TensorBoard text table, alongside the token budget."""
+    and a TensorBoard text table, alongside the token budget and the skipped samples
+    (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy ones)."""
 
     def on_test_end(self, trainer, pl_module) -> None:
+        folder = _run_dir(trainer)  # collective: before the rank check
+        skipped = _skipped_counts(trainer)
         if not trainer.is_global_zero:
             return
         results = dict(getattr(pl_module, "eval_results", {}))
         results.update({f"budget/{k}": v for k, v in getattr(pl_module, "budget_stats", {}).items()})
-        folder = _run_dir(trainer)
+        if skipped:
+            results.update({f"skipped/{k}": float(v) for k, v in skipped.items()})
+            results["skipped/total"] = float(sum(skipped.values()))
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in sorted(results.items()))
@@ -343,3 +478,14 @@ class ResultsTable(L.Callback):
         writer = _tensorboard(trainer)
         if writer is not None:
             writer.add_text("results", table, trainer.global_step)
+
+
+def _skipped_counts(trainer: L.Trainer) -> dict[str, int]:
+    """Skip reason -> distinct skipped items over all processes (collective under DDP)."""
+    ledger = getattr(trainer.datamodule, "skip_ledger", None) if trainer.datamodule is not None else None
+    keys = ledger.keys if ledger is not None else {}
+    merged: dict[str, set[str]] = defaultdict(set)
+    for part in _all_gather_objects(trainer, keys):
+        for reason, items in part.items():
+            merged[reason] |= items
+    return {reason: len(items) for reason, items in sorted(merged.items())}

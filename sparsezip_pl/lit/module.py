@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sparsezip_pl.compress import SparseZipConfig
 from sparsezip_pl.data.answers import parse_mme_answer, parse_pope_answer
+from sparsezip_pl.data.common import SkippedSample
+from sparsezip_pl.data.loader import CollatedBatch
 from sparsezip_pl.lit.metrics import MMEScore, POPEScore
+from sparsezip_pl.models.batching import ContextLimit, llm_context_length
 
 Objective = Literal["lm", "distill", "mix"]
 _COMPRESSOR_PREFIX = "model.compressor."
+_RNG_KEY = "sparsezip_rng_states"
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -46,6 +52,19 @@ def select_samples(batch: dict[str, Any], indices: list[int]) -> dict[str, Any]:
         else:
             picked[key] = value
     return picked
+
+
+class SkippingCollate:
+    """A batch builder's collate for ``on_error: skip``: prompts too long for the LLM are left out
+    of the batch and reported to the loader as ``prompt_too_long`` skips (picklable)."""
+
+    def __init__(self, builder) -> None:
+        self.builder = builder
+
+    def __call__(self, samples: list[dict[str, Any]]) -> CollatedBatch:
+        batch, too_long = self.builder.build(samples)
+        skipped = tuple(SkippedSample(f"prompt:{e.sample_id}", e.reason, str(e)) for e in too_long)
+        return CollatedBatch(batch, skipped)
 
 
 class SparseZipModule(L.LightningModule):
@@ -100,6 +119,7 @@ class SparseZipModule(L.LightningModule):
         self.pope = POPEScore()
         # Records answered by an earlier, interrupted run (filled by ``PredictionWriter``).
         self.completed_records: dict[str, dict[str, Any]] = {}
+        self._rng_states_to_restore: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- batches
     def setup(self, stage: str) -> None:
@@ -110,7 +130,29 @@ class SparseZipModule(L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "collate_fn"):
             mode = "train" if isinstance(datamodule, InstructDataModule) else "generate"
-            datamodule.collate_fn = self.backend.batch_builder(mode)
+            datamodule.collate_fn = self.collate_fn(mode, getattr(datamodule, "on_error", "raise"))
+
+    def collate_fn(self, mode: str, on_error: str = "raise"):
+        """The backend's batch builder for ``mode``, refusing prompts that cannot fit the LLM's
+        context: with ``on_error="raise"`` it raises ``PromptTooLongError`` (naming the sample
+        and the lengths), with ``"skip"`` the sample is dropped and counted as ``prompt_too_long``."""
+        builder = self.backend.batch_builder(mode)
+        builder.context = self.context_limit(mode)
+        return SkippingCollate(builder) if on_error == "skip" else builder
+
+    def context_limit(self, mode: str) -> ContextLimit | None:
+        """The length check for ``mode`` batches, with the most visual tokens an image can take:
+        the compressor's ``T_max``, or all N patches where the distillation teacher runs."""
+        positions = llm_context_length(self.backend.model, self.backend.tokenizer)
+        if positions is None:
+            return None
+        patches = self.backend.num_patches
+        compressor = self.model.compressor
+        visual = compressor.output_length(patches) if hasattr(compressor, "output_length") else patches
+        if mode == "train" and self.objective != "lm":
+            visual = max(visual, patches)
+        new_tokens = self.hparams.max_new_tokens if mode == "generate" else 0
+        return ContextLimit(positions, visual, new_tokens)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -119,37 +161,81 @@ class SparseZipModule(L.LightningModule):
         return {"loss": loss, "compression": compression}
 
     def _tuning_loss(self, batch: dict[str, Any]):
+        """The tuning loss of a batch, its logged parts, and the compression.
+
+        Every term is normalized over the global batch (all processes): token losses by the
+        global number of answer tokens, the budget penalty on the global mean of expected tokens.
+        The returned loss is scaled by the world size, so DDP's gradient average equals the
+        gradient of the same global batch in one process; the logged values are the global ones.
+        """
         out = self.model(batch)
-        logs: dict[str, torch.Tensor] = {}
-        loss = out.logits.new_zeros(())
+        world = self._world_size()
+        terms: list[tuple[str, float, torch.Tensor, torch.Tensor]] = []  # name, weight, local sum, count
         if self.objective in ("lm", "mix"):
-            logs["lm"] = out.loss
-            loss = loss + (1.0 - self.hparams.distill_weight if self.objective == "mix" else 1.0) * out.loss
+            weight = 1.0 - self.hparams.distill_weight if self.objective == "mix" else 1.0
+            terms.append(("lm", weight, *self._cross_entropy_sum(out)))
         if self.objective in ("distill", "mix"):
             with torch.no_grad():
                 teacher = self.model(batch, method="none")
-            kl = self._distillation(out, teacher)
-            logs["distill"] = kl
-            loss = loss + (self.hparams.distill_weight if self.objective == "mix" else 1.0) * kl
-        expected = out.compression.expected_tokens.float().mean()
-        logs["expected_tokens"] = expected.detach()
+            weight = self.hparams.distill_weight if self.objective == "mix" else 1.0
+            terms.append(("distill", weight, *self._distillation(out, teacher)))
+        expected = out.compression.expected_tokens.float()
+        local = torch.stack([t[2].detach() for t in terms] + [t[3] for t in terms]
+                            + [expected.sum().detach(), expected.new_tensor(float(expected.numel()))])
+        totals = self._all_sum(local)
+        n = len(terms)
+        logs: dict[str, torch.Tensor] = {}
+        loss = out.logits.new_zeros((), dtype=torch.float32)
+        for i, (name, weight, total, _) in enumerate(terms):
+            count = totals[n + i].clamp(min=1.0)
+            logs[name] = totals[i] / count
+            loss = loss + weight * world * total / count
+        # The global mean of expected tokens, differentiable through this process's images.
+        mean_expected = (expected.sum() - local[-2] + totals[-2]) / totals[-1]
+        logs["expected_tokens"] = mean_expected.detach()
+        reported = sum(weight * logs[name] for name, weight, _, _ in terms)
         if self.hparams.budget_target is not None:
             target = float(self.hparams.budget_target)
-            penalty = ((expected - target) / target) ** 2
+            penalty = ((mean_expected - target) / target) ** 2
             logs["budget_penalty"] = penalty.detach()
-            loss = loss + self.hparams.budget_weight * penalty
-        logs["loss"] = loss.detach()
+            loss = loss + self.hparams.budget_weight * world * penalty
+            reported = reported + self.hparams.budget_weight * penalty.detach()
+        logs["loss"] = reported
+        # Some trainable parameters are inert for a given method (the text projection when
+        # cross_beta is 0, layer gates with one layer); a zero term gives them a zero gradient so
+        # that DDP's reducer finds a gradient for every parameter without find_unused_parameters.
+        loss = loss + sum(p.sum() for p in self.model.trainable_parameters()) * 0.0
         return loss, logs, out.compression
 
-    def _distillation(self, student, teacher) -> torch.Tensor:
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all processes (itself in a single process)."""
+        if self._world_size() == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+
+    @staticmethod
+    def _cross_entropy_sum(out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the answer tokens, and their number."""
+        logits = answer_position_logits(out.logits, out.labels).float()
+        targets = out.labels[:, 1:][out.labels[:, 1:] != -100]
+        total = F.cross_entropy(logits, targets, reduction="sum") if targets.numel() else out.logits.sum() * 0.0
+        return total, logits.new_tensor(float(targets.numel()))
+
+    def _distillation(self, student, teacher) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed KL(teacher || student) over answer positions (times T^2), and their number."""
         temperature = self.hparams.distill_temperature
         s = answer_position_logits(student.logits, student.labels).float() / temperature
         t = answer_position_logits(teacher.logits, teacher.labels).float() / temperature
         if s.shape != t.shape:
             raise RuntimeError(f"student and teacher answer positions differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+        count = s.new_tensor(float(s.shape[0]))
         if s.numel() == 0:
-            return student.logits.sum() * 0.0
-        return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean") * temperature**2
+            return student.logits.sum() * 0.0, count
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+        return kl * temperature**2, count
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if "labels" in batch:
@@ -171,7 +257,8 @@ class SparseZipModule(L.LightningModule):
         texts = self.backend.decode(generated)
         records = []
         tokens = compression.num_tokens.tolist()
-        for meta, text, n_tokens in zip(batch["meta"], texts, tokens):
+        dominant = compression.num_dominant.tolist()
+        for meta, text, n_tokens, n_dominant in zip(batch["meta"], texts, tokens, dominant):
             parser = parse_pope_answer if meta["task"] == "pope" else parse_mme_answer
             records.append(
                 {
@@ -185,6 +272,7 @@ class SparseZipModule(L.LightningModule):
                     "parsed": parser(text),
                     "answer": meta.get("answer"),
                     "visual_tokens": int(n_tokens),
+                    "dominant_tokens": int(n_dominant),
                 }
             )
         return {"records": records, "compression": compression}
@@ -235,7 +323,13 @@ class SparseZipModule(L.LightningModule):
     def _log_eval_metrics(self, stage: str) -> None:
         results: dict[str, float] = {}
         for name, metric in (("mme", self.mme), ("pope", self.pope)):
-            if metric.update_called:
+            seen = metric.update_called
+            if self._world_size() > 1:
+                # compute() is collective: every process calls it when any process saw the task.
+                seen = self.trainer.strategy.reduce_boolean_decision(seen, all=False)
+                if seen and not metric.update_called:
+                    _typed_empty_states(metric)
+            if seen:
                 results.update({f"{stage}/{name}/{k}": float(v) for k, v in metric.compute().items()})
             metric.reset()
         self.eval_results = results
@@ -256,10 +350,22 @@ class SparseZipModule(L.LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the compressor's weights (the frozen LLaVA reloads from ``model_path``) and
+        the random number generators' states (restored when training resumes)."""
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(_COMPRESSOR_PREFIX)}
+        checkpoint[_RNG_KEY] = _rng_states()
+
+    def on_train_start(self) -> None:
+        # Restored here rather than at load time: the loops draw from the global generator
+        # while they set up (a new DataLoader iterator takes a seed), which the interrupted run
+        # had done before the checkpoint was written.
+        if self._rng_states_to_restore is not None:
+            _set_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states_to_restore = checkpoint.get(_RNG_KEY)
         # Checkpoints hold only the compressor; the frozen LLaVA weights were loaded from
         # ``model_path`` when the module was rebuilt. Fill them in so loading stays strict: a
         # half-loaded compressor would score the untuned method under the tuned name.
@@ -275,3 +381,37 @@ class SparseZipModule(L.LightningModule):
         for key, value in current.items():
             if not key.startswith(_COMPRESSOR_PREFIX):
                 state.setdefault(key, value)
+
+
+def _typed_empty_states(metric) -> None:
+    """Give a metric that saw no sample empty *long* ``cat`` states before a distributed compute.
+
+    torchmetrics stands in a float32 empty tensor for an empty list state; concatenated with
+    other processes' int64 sample hashes it would turn them into floats and break the
+    de-duplication by sample id.
+    """
+    for name in metric._defaults:
+        setattr(metric, name, [torch.zeros(0, dtype=torch.long, device=metric.device)])
+
+
+def _rng_states() -> dict[str, Any]:
+    """Python's, numpy's and torch's generator states, in types that ``torch.load(weights_only=True)``
+    accepts (Lightning's own helper stores numpy arrays, which it refuses)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -10,6 +10,10 @@ code's ``vicuna_v1`` conversation), tokenized once with character offsets, and t
 spans of the messages decide which tokens are answer tokens (``labels``) and question tokens
 (``question_mask``). Each sample with an image gets exactly one placeholder id in ``input_ids``;
 the model expands it into that image's visual tokens.
+
+A prompt that cannot fit the LLM's context (see :class:`ContextLimit`) is never cut: cutting
+would drop the question (or the answer) and score garbage. :meth:`BatchBuilder.build` reports it
+as a :class:`PromptTooLongError` naming the sample and the lengths; ``__call__`` raises it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,32 @@ import torch
 from sparsezip_pl.models.splice import IGNORE_INDEX
 
 IMAGE_MARKER = "<image>"
+
+
+@dataclass(frozen=True)
+class ContextLimit:
+    """How long a prompt may be once its placeholder becomes visual tokens.
+
+    ``max_positions`` is the LLM's context (``max_position_embeddings``, or the tokenizer's
+    ``model_max_length`` when smaller); ``visual_tokens`` the most tokens one image can become
+    (an upper bound: the compressor's ``T_max``, or N patches for a distillation teacher);
+    ``new_tokens`` the tokens generated after the prompt. A prompt is accepted when
+    ``text tokens - placeholders + placeholders * visual_tokens + new_tokens <= max_positions``.
+    """
+
+    max_positions: int
+    visual_tokens: int
+    new_tokens: int = 0
+
+
+class PromptTooLongError(ValueError):
+    """A sample whose prompt does not fit the LLM's context; ``reason`` is its skip reason."""
+
+    reason = "prompt_too_long"
+
+    def __init__(self, sample_id: Any, message: str) -> None:
+        super().__init__(message)
+        self.sample_id = sample_id
 
 
 @dataclass
@@ -245,6 +275,9 @@ class BatchBuilder:
     (``train``: answer tokens, -100 elsewhere), ``question_mask`` [B, T] bool, ``pixel_values``
     [B, 3, H, W] (zeros for text-only samples), ``has_image`` [B] bool and ``meta`` (the sample
     dicts without the PIL image). ``None`` samples are dropped.
+
+    ``context`` (settable after construction) rejects prompts that would not fit the LLM; the
+    older ``max_length`` rejects prompts of more text tokens than that. Neither ever truncates.
     """
 
     def __init__(
@@ -256,6 +289,7 @@ class BatchBuilder:
         pad_token_id: int,
         eos_token: str | None,
         max_length: int | None = None,
+        context: ContextLimit | None = None,
     ) -> None:
         if mode not in ("train", "generate"):
             raise ValueError(f"mode must be 'train' or 'generate', got {mode!r}")
@@ -266,6 +300,7 @@ class BatchBuilder:
         self.pad_token_id = pad_token_id
         self.eos_token = eos_token
         self.max_length = max_length
+        self.context = context
 
     def encode(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One sample -> ids, labels and question mask (1-D tensors)."""
@@ -281,15 +316,52 @@ class BatchBuilder:
             raise ValueError(
                 f"sample {sample.get('sample_id')!r}: {num_placeholders} image placeholders in {rendered.text!r}"
             )
-        if self.max_length is not None:
-            ids_t, labels, question = ids_t[: self.max_length], labels[: self.max_length], question[: self.max_length]
+        self._check_length(sample, len(ids), num_placeholders)
         return {"input_ids": ids_t, "labels": labels, "question_mask": question}
 
+    def _check_length(self, sample: dict[str, Any], num_ids: int, num_placeholders: int) -> None:
+        sample_id = sample.get("sample_id")
+        if self.max_length is not None and num_ids > self.max_length:
+            raise PromptTooLongError(
+                sample_id, f"sample {sample_id!r}: prompt of {num_ids} tokens exceeds max_length={self.max_length}"
+            )
+        limit = self.context
+        if limit is None:
+            return
+        text = num_ids - num_placeholders
+        visual = num_placeholders * limit.visual_tokens
+        total = text + visual + limit.new_tokens
+        if total > limit.max_positions:
+            raise PromptTooLongError(
+                sample_id,
+                f"sample {sample_id!r}: prompt too long for the LLM: {text} text tokens + up to {visual} visual "
+                f"tokens + {limit.new_tokens} generated tokens = {total} > context of {limit.max_positions} positions",
+            )
+
     def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any]:
+        """The batch of ``samples``; raises :class:`PromptTooLongError` for a prompt that does not fit."""
+        batch, too_long = self.build(samples)
+        if too_long:
+            raise too_long[0]
+        return batch
+
+    def build(self, samples: list[dict[str, Any] | None]) -> tuple[dict[str, Any] | None, list[PromptTooLongError]]:
+        """The batch of the samples that fit the context (None if none does) and the errors of those that do not."""
         samples = [sample for sample in samples if sample is not None]
         if not samples:
             raise ValueError("every sample of the batch was None")
-        encoded = [self.encode(sample) for sample in samples]
+        encoded, kept, too_long = [], [], []
+        for sample in samples:
+            try:
+                encoded.append(self.encode(sample))
+                kept.append(sample)
+            except PromptTooLongError as error:
+                too_long.append(error)
+        if not kept:
+            return None, too_long
+        return self._collate(kept, encoded), too_long
+
+    def _collate(self, samples: list[dict[str, Any]], encoded: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         length = max(len(e["input_ids"]) for e in encoded)
         batch_size = len(samples)
         input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
@@ -321,3 +393,17 @@ class BatchBuilder:
         if self.mode == "train":
             batch["labels"] = labels
         return batch
+
+
+def llm_context_length(model, tokenizer=None) -> int | None:
+    """The positions a LLaVA's LLM can attend over: its ``max_position_embeddings``, or the
+    tokenizer's ``model_max_length`` when that is set and smaller (the original LLaVA-1.5 ships
+    2048 there, its training length). None when neither is known."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(text_config, "max_position_embeddings", None)]
+    if tokenizer is not None:
+        limits.append(getattr(tokenizer, "model_max_length", None))
+    # transformers uses a huge sentinel (1e30) for "no limit".
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**9]
+    return min(limits) if limits else None

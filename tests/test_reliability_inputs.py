@@ -1,0 +1,123 @@
+"""Bad input beyond the data readers' own checks (tests/test_data_*.py): a prompt longer than the
+LLM's context is never cut. Under ``on_error: raise`` it stops the run with an error naming the
+sample and the lengths; under ``skip`` the sample is left out and counted as ``prompt_too_long``."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from data_fixtures import write_pope_files
+from sparsezip_pl.cli import main
+from sparsezip_pl.compress import MergingConfig, SparseZipConfig
+from sparsezip_pl.data.common import SkipLedger
+from sparsezip_pl.data.loader import SkipAwareCollate, SkipCountingDataLoader
+from sparsezip_pl.lit.module import SkippingCollate, SparseZipModule
+from sparsezip_pl.models.batching import ContextLimit, PromptTooLongError, llm_context_length
+from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
+
+COMPRESSOR = {"method": "sparsezip", "k_min": 2, "k_max": 12, "merging": {"contextual_num": 4}}
+LONG_QUESTION = "Is there a " + "red " * 5000 + "dog in the image?"  # > 4096 positions
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return str(cached_tiny_llava("hf", image_size=112))
+
+
+@pytest.fixture(scope="module")
+def module(tiny_model):
+    config = SparseZipConfig(method="sparsezip", k_min=2, k_max=12, merging=MergingConfig(contextual_num=4))
+    return SparseZipModule(model_path=tiny_model, compressor=config, max_new_tokens=3)
+
+
+def test_context_length_of_the_llm():
+    config = SimpleNamespace(max_position_embeddings=4096)
+    assert llm_context_length(SimpleNamespace(config=config)) == 4096
+    assert llm_context_length(SimpleNamespace(config=config), SimpleNamespace(model_max_length=2048)) == 2048
+    assert llm_context_length(SimpleNamespace(config=config), SimpleNamespace(model_max_length=int(1e30))) == 4096
+    nested = SimpleNamespace(get_text_config=lambda: SimpleNamespace(max_position_embeddings=512))
+    assert llm_context_length(SimpleNamespace(config=nested)) == 512
+
+
+def test_visual_budget_of_the_check_depends_on_what_runs(module):
+    patches = module.backend.num_patches  # 64 at 112 px
+    assert module.context_limit("generate") == ContextLimit(4096, 1 + 12 + 4, 3)
+    module.objective = "lm"
+    assert module.context_limit("train") == ContextLimit(4096, 1 + 12 + 4, 0)
+    module.objective = "distill"  # the teacher sees every patch
+    assert module.context_limit("train") == ContextLimit(4096, patches, 0)
+
+
+def test_too_long_prompt_is_refused_not_cut(module):
+    samples = synthetic_samples(3, with_answer=False)
+    builder = module.collate_fn("generate")
+    ids = builder(samples[:1])["input_ids"]
+    text = ids.shape[1] - 1  # one placeholder
+    # Exactly at the limit is accepted, one position more is not.
+    builder.context = ContextLimit(text + 17 + 3, 17, 3)
+    assert builder(samples[:1])["input_ids"].shape == ids.shape
+    builder.context = ContextLimit(text + 17 + 2, 17, 3)
+    with pytest.raises(PromptTooLongError, match=rf"sample 'mme-0-0': prompt too long for the LLM: {text} text "
+                                                 rf"tokens \+ up to 17 visual tokens \+ 3 generated tokens = "
+                                                 rf"{text + 20} > context of {text + 19} positions"):
+        builder(samples[:1])
+
+    long = dict(samples[1], question=LONG_QUESTION)
+    with pytest.raises(PromptTooLongError, match=r"sample 'mme-0-1'.* > context of 4096 positions"):
+        module.collate_fn("generate")([samples[0], long, samples[2]])
+    # skip: the loader drops the sample and counts it once, whatever the epoch.
+    ledger = SkipLedger()
+    loader = SkipCountingDataLoader([samples[0], long, samples[2]], batch_size=3, skip_ledger=ledger,
+                                    collate_fn=SkipAwareCollate(module.collate_fn("generate", on_error="skip")))
+    for _ in range(2):
+        (batch,) = list(loader)
+        assert [m["sample_id"] for m in batch["meta"]] == ["mme-0-0", "mme-0-2"]
+    assert ledger.counts == {"prompt_too_long": 1}
+    assert "mme-0-1" in ledger.messages[0] and "4096" in ledger.messages[0]
+    # A batch of only too-long prompts is not yielded at all.
+    skipping = module.collate_fn("generate", on_error="skip")
+    assert isinstance(skipping, SkippingCollate)
+    alone = SkipCountingDataLoader([long], batch_size=1, skip_ledger=ledger, collate_fn=SkipAwareCollate(skipping))
+    assert list(alone) == []
+
+
+def _pope_with_a_long_question(tmp_path: Path) -> tuple[Path, Path]:
+    folder, images = write_pope_files(tmp_path, splits=("random",))
+    line = {"question_id": 99, "image": "COCO_val2014_000000000000.jpg", "text": LONG_QUESTION, "label": "yes"}
+    with open(folder / "coco_pope_random.json", "a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    return folder, images
+
+
+def _test_config(tmp_path, tiny_model, folder, images, on_error) -> str:
+    config = {
+        "model": {"backend": "hf", "model_path": tiny_model, "compressor": COMPRESSOR, "max_new_tokens": 3},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": False, "default_root_dir": str(tmp_path / on_error)},
+        "data": {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+                 "init_args": {"source": str(folder), "image_dir": str(images), "batch_size": 2, "on_error": on_error}},
+    }
+    path = tmp_path / f"{on_error}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_evaluation_with_a_too_long_prompt(tmp_path, tiny_model):
+    folder, images = _pope_with_a_long_question(tmp_path)
+    with pytest.raises(PromptTooLongError, match=r"sample 'random/99': prompt too long .* > context of 4096"):
+        main(["test", "--config", _test_config(tmp_path, tiny_model, folder, images, "raise")])
+
+    cli = main(["test", "--config", _test_config(tmp_path, tiny_model, folder, images, "skip")])
+    results = json.loads((tmp_path / "skip" / "results.json").read_text())
+    assert results["skipped/prompt_too_long"] == 1 and results["skipped/total"] == 1
+    assert results["test/pope/num_samples"] == 4
+    assert cli.datamodule.skipped == {"prompt_too_long": 1}
+    answered = (tmp_path / "skip" / "predictions" / "predictions.jsonl").read_text()
+    assert len(answered.splitlines()) == 4 and "random/99" not in answered
