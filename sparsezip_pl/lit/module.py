@@ -93,7 +93,7 @@ class SparseZipModule(L.LightningModule):
         backend: Literal["hf", "llava"] = "hf",
         model_path: str = "checkpoints/tiny-llava-synth",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        compressor: SparseZipConfig | None = None,
+        compressor: SparseZipConfig = SparseZipConfig(),  # noqa: B008 (a frozen default, never mutated)
         objective: Objective = "distill",
         distill_weight: float = 0.5,
         distill_temperature: float = 1.0,
@@ -106,7 +106,7 @@ class SparseZipModule(L.LightningModule):
         from sparsezip_pl.models import CompressedLlava, load_backend
 
         self.save_hyperparameters(ignore=["optimizer"])
-        self.compressor_config = compressor or SparseZipConfig()
+        self.compressor_config = compressor
         if objective not in ("lm", "distill", "mix"):
             raise ValueError(f"objective must be 'lm', 'distill' or 'mix', got {objective!r}")
         if budget_target is not None and budget_target <= 0:
