@@ -21,9 +21,11 @@ live tensor bytes allocated by the forward (inputs excluded). Temporaries that a
 and freed inside a single ATen kernel do not appear, so read it as a close lower bound.
 
 ``--keep-freed-memory`` asks glibc (``mallopt``) to keep freed memory in the process instead of
-returning every large block to the OS, as jemalloc/tcmalloc or a GPU caching allocator do. By
-default each forward page-faults its large temporaries (the N x N similarity matrices above all)
-back in, which on a small virtual machine can cost as much as the arithmetic.
+returning every large block to the OS, as jemalloc/tcmalloc or a GPU caching allocator do. With
+the default, a forward whose temporaries are large page-faults them back in every time (on a
+small virtual machine that can cost as much as the arithmetic); the compressor keeps its
+temporaries small (the N x N similarity is reduced block by block), so both settings should now
+give about the same figures.
 
 The tower row is one forward of a random-weight CLIP ViT-L/14-336 (``transformers``,
 24 layers) stopped nowhere, at ``--tower-batch`` images; SparseZip's cost is reported as a
@@ -55,9 +57,10 @@ NUM_PATCHES, WIDTH, HEADS, HEAD_DIM = 576, 1024, 16, 64
 def methods() -> dict[str, SparseZipConfig]:
     return {
         "none (576 patches)": SparseZipConfig(method="none"),
+        # ``dominant`` counts CLS, as VisionZip does: 54 + 10 = 64 tokens.
         "visionzip 54+10": SparseZipConfig(method="visionzip", dominant=54, merging=MergingConfig(contextual_num=10)),
         "sparsezip (default)": SparseZipConfig(),
-        "sparsezip fixed K=54": SparseZipConfig(dynamic_k=False, dominant=54),
+        "sparsezip fixed 54+16": SparseZipConfig(dynamic_k=False, dominant=54),
         "sparsezip attention-only": SparseZipConfig(hybrid_scoring=False),
         "sparsezip non-hierarchical": SparseZipConfig(merging=MergingConfig(hierarchical=False)),
         "sparsezip 3 layers": SparseZipConfig(layers=[-2, -6, -12]),

@@ -15,16 +15,17 @@ def _one_thread():
         yield
 
 
-def visionzip_one_image(hidden, q, k, dominant, contextual):
+def visionzip_one_image(hidden, q, k, dominant_num, contextual):
     """VisionZip for one image, following the published code step by step.
 
-    hidden [L, C], q [h, d], k [h, L, d]. Returns (tokens [1 + dominant + contextual, C], kept
-    patch indices).
+    hidden [L, C], q [h, d], k [h, L, d]. ``dominant_num`` is what the published code receives:
+    ``visionzip(model, dominant, contextual)`` passes ``dominant - 1`` (CLS is the last dominant
+    token). Returns (tokens [1 + dominant_num + contextual, C], kept patch indices).
     """
     length = hidden.shape[0]
     attn = torch.softmax((k @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(k.shape[-1]), dim=-1)  # [h, L]
     cls_attention_sum = attn[:, 1:].sum(dim=0)
-    topk_indices = cls_attention_sum.topk(dominant).indices + 1
+    topk_indices = cls_attention_sum.topk(dominant_num).indices + 1
     all_indices = torch.cat([torch.zeros(1, dtype=torch.long), topk_indices])
     mask = torch.ones(length, dtype=torch.bool)
     mask[all_indices] = False
@@ -47,25 +48,36 @@ def visionzip_one_image(hidden, q, k, dominant, contextual):
     return torch.cat([dominant_tokens, contextual_tokens]), (all_indices[1:] - 1).sort().values
 
 
-@pytest.mark.parametrize("n,dominant,contextual", [(64, 20, 6), (100, 54, 10), (30, 3, 9)])
+@pytest.mark.parametrize("n,dominant,contextual", [(64, 20, 6), (100, 54, 10), (30, 3, 9), (30, 1, 4)])
 def test_visionzip_equals_published_algorithm(n, dominant, contextual):
     cfg = SparseZipConfig(method="visionzip", dominant=dominant, merging=MergingConfig(contextual_num=contextual))
     comp = SparseZipCompressor(cfg, num_heads=4, head_dim=16).eval()
     cap = random_capture(batch=3, num_patches=n, hidden_dim=24, num_heads=4, head_dim=16, peak=[0.0, 8.0, 20.0])
     out = comp(cap)
-    assert out.tokens.shape == (3, 1 + dominant + contextual, 24) == (3, comp.max_tokens, 24)
+    # VisionZip's convention: ``dominant`` counts CLS.
+    assert out.tokens.shape == (3, dominant + contextual, 24) == (3, comp.max_tokens, 24)
     assert out.mask.all()
     for b in range(3):
         ref_tokens, ref_kept = visionzip_one_image(
-            cap.hidden[b], cap.queries[0, b], cap.keys[0, b], dominant, contextual
+            cap.hidden[b], cap.queries[0, b], cap.keys[0, b], dominant - 1, contextual
         )
         assert torch.equal(out.kept_indices[b], ref_kept)
         torch.testing.assert_close(out.tokens[b], ref_tokens, rtol=1e-5, atol=1e-5)
-    assert (out.num_dominant == dominant).all() and (out.num_contextual == contextual).all()
+    assert (out.num_dominant == dominant - 1).all() and (out.num_contextual == contextual).all()
+
+
+def test_visionzip_54_plus_10_gives_64_tokens_like_the_paper():
+    cfg = SparseZipConfig(method="visionzip", dominant=54, merging=MergingConfig(contextual_num=10))
+    comp = SparseZipCompressor(cfg, num_heads=4, head_dim=16).eval()
+    out = comp(random_capture(batch=2, num_patches=576, num_heads=4, head_dim=16, peak=10.0))
+    assert comp.max_tokens == 64 and out.tokens.shape[1] == 64
+    assert out.num_tokens.tolist() == [64, 64]
+    assert out.num_dominant.tolist() == [53, 53]  # 53 patches + CLS = 54 dominant tokens
 
 
 def test_visionzip_with_fewer_leftovers_than_contextual_masks_empty_slots():
-    cfg = SparseZipConfig(method="visionzip", dominant=18, merging=MergingConfig(contextual_num=5))
+    # dominant 19 = CLS + 18 of the 20 patches
+    cfg = SparseZipConfig(method="visionzip", dominant=19, merging=MergingConfig(contextual_num=5))
     comp = SparseZipCompressor(cfg, num_heads=4, head_dim=16).eval()
     out = comp(random_capture(batch=2, num_patches=20, num_heads=4, head_dim=16))
     assert (out.num_contextual == 2).all()  # 2 leftovers: 2 anchors, no members

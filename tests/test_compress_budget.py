@@ -62,7 +62,7 @@ def test_seed_rule_formula():
     "cfg",
     [
         SparseZipConfig(k_min=50, k_max=80),  # K >= N with dynamic K
-        SparseZipConfig(dynamic_k=False, dominant=100),  # fixed budget > N
+        SparseZipConfig(dynamic_k=False, dominant=100),  # fixed budget (99 patches + CLS) > N
         SparseZipConfig(k_min=10, k_max=12, dynk=DynKConfig(c=1000.0)),  # K far above k_max
         SparseZipConfig(k_min=3, k_max=40, dynk=DynKConfig(c=-1000.0)),  # K far below k_min
     ],
@@ -77,8 +77,8 @@ def test_budget_is_clamped_not_crashing(cfg):
         low, high = min(cfg.k_min, n), min(cfg.k_max, n)
         slots = cfg.k_max
     else:
-        low = high = min(cfg.dominant, n)
-        slots = cfg.dominant
+        low = high = min(cfg.dominant - 1, n)  # dominant counts CLS
+        slots = cfg.dominant - 1
     assert ((out.num_dominant >= low) & (out.num_dominant <= high)).all()
     assert out.tokens.shape[1] == comp.max_tokens == 1 + slots + 4
     if int(out.num_dominant.min()) == n:  # everything kept: no leftovers, no contextual tokens
@@ -120,9 +120,11 @@ def test_soft_clamp_is_close_inside_and_bounded_outside():
 
 
 def test_fixed_budget_keeps_dominant_patches():
-    cfg = SparseZipConfig(dynamic_k=False, dominant=7)
+    # VisionZip's convention: dominant = 8 tokens = CLS + 7 patches.
+    cfg = SparseZipConfig(dynamic_k=False, dominant=8, merging=MergingConfig(contextual_num=5))
     comp = SparseZipCompressor(cfg, 4, 16).eval()
     out = comp(random_capture(batch=3, num_patches=40, num_heads=4, head_dim=16, peak=8.0))
     assert (out.num_dominant == 7).all()
+    assert comp.max_tokens == 8 + 5 and out.tokens.shape[1] == 13 and out.num_tokens.tolist() == [13, 13, 13]
     top = out.scores.topk(7, dim=1).indices.sort(dim=1).values
     assert torch.equal(out.kept_indices, top)

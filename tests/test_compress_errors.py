@@ -22,6 +22,7 @@ def _one_thread():
         ({"k_min": 10, "k_max": 5}, None, r"k_min \(10\) must not exceed k_max \(5\)"),
         ({"k_min": -1}, None, "k_min"),
         ({"dominant": -3}, None, "dominant"),
+        ({"dominant": 0}, None, r"dominant must be an int >= 1 \(dominant tokens, CLS included"),
         ({"merging": MergingConfig(contextual_num=-1)}, None, "contextual_num"),
         ({"merging": MergingConfig(kmeans_iters=-2)}, None, "kmeans_iters"),
         ({"merging": MergingConfig(kmeans_init_factor=0.5)}, None, "kmeans_init_factor"),

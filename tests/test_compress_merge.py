@@ -5,13 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from sparsezip_pl.compress.merge import (
+    _first_argmax,
     agglomerate,
+    assign_nearest,
     anchor_merge,
     hash_uniform,
     hierarchical_merge,
     kmeans_pp_init,
     leftover_weights,
+    weighted_kmeans,
 )
+from sparsezip_pl.compress import merge as merge_module
 from sparsezip_pl.compress.testing import single_thread
 
 
@@ -160,3 +164,76 @@ def test_leftover_weights_never_underflow_to_zero():
     assert torch.isfinite(w).all()
     none_left = leftover_weights(scores, torch.zeros_like(leftover), tau=1.0)
     assert (none_left == 0).all()
+
+
+def test_first_argmax_equals_argmax_with_ties_to_the_lowest_index():
+    torch.manual_seed(0)
+    sim = torch.randn(3, 7, 50)
+    sim[0, 2, :10] = sim[0, 5, :10] = 9.0  # exact ties: the lower index wins, like torch.argmax
+    sim[1, :, 20] = float("-inf")
+    sim[1, 6, 20] = -1e30
+    sim[2, 3] = float("-inf")  # a dead row never wins
+    assert torch.equal(_first_argmax(sim), sim.argmax(dim=1))
+    assert (_first_argmax(sim)[0, :10] == 2).all()
+    nan = sim.clone()
+    nan[0, :, 0] = float("nan")
+    assert 0 <= int(_first_argmax(nan)[0, 0]) < 7  # never out of range
+
+
+def _lloyd_reference(points, weights, centroids, alive, iters):
+    """Weighted spherical Lloyd steps written plainly (argmax assignment, per-cluster sums)."""
+    k = centroids.shape[1]
+    bias = torch.zeros(alive.shape).masked_fill(~alive, float("-inf"))
+    for _ in range(iters + 1):
+        assignment = (points @ centroids.transpose(1, 2) + bias.unsqueeze(1)).argmax(dim=-1)
+        one_hot = F.one_hot(assignment, k).to(points.dtype) * weights.unsqueeze(-1)  # [B, N, k]
+        sums = one_hot.transpose(1, 2) @ points
+        norm = sums.norm(dim=-1, keepdim=True)
+        new = torch.where(norm > 0, sums / norm.clamp_min(1e-30), centroids)
+        centroids = new
+    return sums, alive & (one_hot.sum(1) > 0), assignment
+
+
+def test_weighted_kmeans_matches_plain_lloyd():
+    torch.manual_seed(2)
+    points = F.normalize(torch.randn(3, 80, 8, dtype=torch.float64), dim=-1).float()
+    weights = torch.rand(3, 80)
+    weights[:, :10] = 0.0
+    centroids, alive = kmeans_pp_init(points, weights, 6, seed=0)
+    alive[2, 4:] = False
+    sums, alive_out, assignment = weighted_kmeans(points, weights, centroids, alive, 4)
+    ref_sums, ref_alive, ref_assignment = _lloyd_reference(points, weights, centroids, alive, 4)
+    assert torch.equal(assignment, ref_assignment)
+    assert torch.equal(alive_out, ref_alive)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-5, atol=1e-6)
+    assert torch.equal(assign_nearest(points, F.normalize(sums, dim=-1), alive_out), assignment)
+
+
+def test_weighted_kmeans_gpu_style_sums_match_index_add(monkeypatch):
+    # Off CPU the cluster sums are a one-hot matrix product (deterministic on a GPU).
+    torch.manual_seed(5)
+    points = F.normalize(torch.randn(2, 60, 8), dim=-1)
+    weights = torch.rand(2, 60)
+    centroids, alive = kmeans_pp_init(points, weights, 5, seed=1)
+    on_cpu = weighted_kmeans(points, weights, centroids, alive, 3)
+    monkeypatch.setattr(merge_module, "_sum_by_index_add", lambda device: False)
+    product = weighted_kmeans(points, weights, centroids, alive, 3)
+    assert torch.equal(on_cpu[1], product[1]) and torch.equal(on_cpu[2], product[2])
+    torch.testing.assert_close(on_cpu[0], product[0], rtol=1e-5, atol=1e-6)
+
+
+def test_merges_read_strided_patch_views_without_changing_results():
+    torch.manual_seed(4)
+    b, n, d, width = 3, 30, 8, 12
+    keys = F.normalize(torch.randn(b, n, d), dim=-1)
+    hidden = torch.randn(b, n + 1, width)  # CLS first, as in the compressor
+    scores = torch.randn(b, n)
+    leftover = torch.rand(b, n) > 0.3
+    view, copy = hidden[:, 1:], hidden[:, 1:].contiguous()
+    for merge in (
+        lambda h: hierarchical_merge(keys, h, leftover, scores, 5, 2.0, 3, True, 1.0, 0),
+        lambda h: anchor_merge(keys, h, leftover, 5),
+    ):
+        out_view, out_copy = merge(view), merge(copy)
+        assert torch.equal(out_view.tokens, out_copy.tokens)
+        assert torch.equal(out_view.cluster_map, out_copy.cluster_map)

@@ -84,7 +84,7 @@ def check_output(comp, cap, out):
     rule=st.sampled_from(["seed", "attention_entropy"]),
     k_min=st.integers(0, 12),
     k_span=st.integers(0, 30),
-    dominant=st.integers(0, 45),
+    dominant=st.integers(1, 46),  # counts CLS
     contextual=st.integers(0, 7),
     hierarchical=st.booleans(),
     agglomerative=st.booleans(),

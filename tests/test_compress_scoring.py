@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsezip_pl.compress import Alphas, SparseZipCompressor, SparseZipConfig
+from sparsezip_pl.compress import scoring
 from sparsezip_pl.compress.scoring import (
     feature_entropy,
     mutual_information_proxy,
@@ -46,15 +47,55 @@ def test_feature_entropy_matches_naive():
     torch.testing.assert_close(feature_entropy(z.float(), 0.2).double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("n", [3, 17])
-def test_mutual_information_matches_naive(n):
-    z = torch.nn.functional.normalize(torch.randn(2, n, 8, dtype=torch.float64), dim=-1)
-    s = z @ z.transpose(1, 2) / 0.1
+def naive_mutual_information(z, tau):
+    n = z.shape[1]
+    s = z.double() @ z.double().transpose(1, 2) / tau
     s.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     q = torch.softmax(s, dim=-1)
     entropy = -torch.nan_to_num(q * q.log()).sum(-1)
-    expected = 1 - entropy / math.log(n - 1)
-    torch.testing.assert_close(mutual_information_proxy(z.float(), 0.1).double(), expected, rtol=1e-4, atol=1e-5)
+    return 1 - entropy / math.log(n - 1)
+
+
+# tau 0.1: the symmetric fixed-shift path; 0.01: the row-maximum path (tau below its safe range).
+# n = 700 with batch 2 is split into several blocks / row chunks on CPU, of uneven sizes.
+@pytest.mark.parametrize("tau", [0.1, 0.01])
+@pytest.mark.parametrize("n", [3, 17, 700])
+def test_mutual_information_matches_naive(n, tau):
+    z = torch.nn.functional.normalize(torch.randn(2, n, 8, dtype=torch.float64), dim=-1)
+    if n == 700:
+        z[1, 5] = 0.0  # a zero key: uniform row, MI 0
+        z[0, 9] = z[0, 10]  # an exact duplicate
+    expected = naive_mutual_information(z, tau)
+    got = mutual_information_proxy(z.float(), tau)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(got).all()
+
+
+def test_mutual_information_blocks_rows_and_autograd_paths_agree():
+    torch.manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(3, 650, 16), dim=-1)
+    tau = 0.05
+    symmetric = scoring._similarity_entropy_symmetric(z, tau)
+    rows = scoring._similarity_entropy_rows(z, tau)
+    leaf = z.clone().requires_grad_(True)
+    autograd = scoring._similarity_entropy_autograd(leaf, tau)
+    torch.testing.assert_close(symmetric, rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(symmetric, autograd.detach(), rtol=1e-5, atol=1e-5)
+    # Keys that need a gradient take the differentiable path and get one.
+    mi = mutual_information_proxy(leaf, tau)
+    mi.sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+def test_feature_entropy_is_differentiable():
+    z = torch.nn.functional.normalize(torch.randn(2, 10, 8, dtype=torch.float64), dim=-1).float().requires_grad_(True)
+    h = feature_entropy(z, 0.2)
+    (g,) = torch.autograd.grad(h.sum(), z)
+    # against autograd through the textbook formula
+    z2 = z.detach().clone().requires_grad_(True)
+    p = torch.softmax(z2 / 0.2, dim=-1)
+    (g2,) = torch.autograd.grad((-(p * p.log()).sum(-1) / math.log(8)).sum(), z2)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-5)
 
 
 def test_mutual_information_is_high_for_patches_resembling_few_others():

@@ -92,3 +92,27 @@ def test_budget_penalty_moves_k_down():
         opt.step()
     k_after = comp.eval()(cap, text, mask).num_dominant.float().mean()
     assert k_after < k_before
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_hidden_states_get_the_gradient_of_their_weights(hierarchical):
+    # Every output token is a weighted sum of rows of hidden: d(sum of tokens)/d(row) is the
+    # row's total weight: 1 for CLS and dominant patches, its aggregation weight in a contextual token.
+    comp, cap, text, mask = _setup(hierarchical=hierarchical)
+    comp.train()
+    hidden = cap.hidden.clone().requires_grad_(True)
+    out = comp(type(cap)(hidden, cap.queries, cap.keys), text, mask)
+    out.tokens.sum().backward()
+    grad = hidden.grad[..., 0]  # identical over channels
+    assert torch.equal(hidden.grad, grad.unsqueeze(-1).expand_as(hidden.grad))
+    assert (grad[:, 0] == 1).all()
+    for b in range(grad.shape[0]):
+        kept = out.kept_indices[b][out.kept_indices[b] >= 0]
+        assert (grad[b, 1 + kept] == 1).all()
+        in_context = out.cluster_map[b] >= 0
+        if hierarchical:  # weighted means: each token's weights sum to 1
+            totals = torch.zeros(comp.config.merging.contextual_num).index_add_(
+                0, out.cluster_map[b][in_context], grad[b, 1:][in_context]
+            )
+            torch.testing.assert_close(totals[out.mask[b, -totals.shape[0]:]], torch.ones(int(out.num_contextual[b])))
+        assert (grad[b, 1:][~in_context & ~torch.isin(torch.arange(grad.shape[1] - 1), kept)] == 0).all()

@@ -6,14 +6,13 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .baselines import compress_none, compress_visionzip
 from .budget import TokenBudget, select_dominant
 from .config import CompressionOutput, SparseZipConfig, VisionCapture
-from .merge import anchor_merge, hierarchical_merge
+from .merge import anchor_plan, hierarchical_plan
 from .output import assemble_output
-from .scoring import UNIT_EPS, HybridScorer
+from .scoring import HybridScorer
 
 METHODS = ("sparsezip", "visionzip", "none")
 DYNAMIC_K_RULES = ("seed", "attention_entropy")
@@ -46,7 +45,7 @@ class SparseZipCompressor(nn.Module):
     static width ``T_max`` = :attr:`max_tokens` that does not depend on N (for ``none``: N patch
     tokens, no CLS). Slots that an image does not fill are zeros and masked out. Budgets larger
     than the image are clamped: ``K = clamp(K, min(k_min, N), min(k_max, N))``, a fixed budget
-    ``min(dominant, N)``; the remaining slots stay masked.
+    ``min(dominant - 1, N)`` patches; the remaining slots stay masked.
     """
 
     def __init__(
@@ -74,9 +73,9 @@ class SparseZipCompressor(nn.Module):
     def max_tokens(self) -> int:
         """T_max, the width of ``tokens``/``mask``.
 
-        sparsezip: ``1 + k_max + contextual_num`` (dynamic K) or ``1 + dominant + contextual_num``;
-        visionzip: ``1 + dominant + contextual_num``; none: N, known from ``num_patches`` or the
-        last forward (RuntimeError before either).
+        sparsezip: ``1 + k_max + contextual_num`` (dynamic K) or ``dominant + contextual_num``
+        (``dominant`` counts CLS); visionzip: ``dominant + contextual_num``; none: N, known from
+        ``num_patches`` or the last forward (RuntimeError before either).
         """
         if self.config.method == "none" and self.num_patches is None:
             raise RuntimeError("max_tokens of method 'none' is N: pass num_patches= or run a forward first")
@@ -87,8 +86,9 @@ class SparseZipCompressor(nn.Module):
         cfg = self.config
         if cfg.method == "none":
             return num_patches
-        dominant = cfg.k_max if cfg.method == "sparsezip" and cfg.dynamic_k else cfg.dominant
-        return 1 + dominant + cfg.merging.contextual_num
+        # ``dominant`` counts CLS (VisionZip's convention): dominant - 1 patches.
+        patches = cfg.k_max if cfg.method == "sparsezip" and cfg.dynamic_k else cfg.dominant - 1
+        return 1 + patches + cfg.merging.contextual_num
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -141,23 +141,21 @@ class SparseZipCompressor(nn.Module):
     ) -> CompressionOutput:
         cfg, merging = self.config, self.config.merging
         n = hidden.shape[1] - 1
-        scores, attention, mean_keys = self.scorer(queries, keys, text_embeds, text_mask)
+        scores, attention, unit_keys = self.scorer(queries, keys, text_embeds, text_mask)
 
         if cfg.dynamic_k:
             k_low, k_high, slots = min(cfg.k_min, n), min(cfg.k_max, n), cfg.k_max
             k_continuous = self.budget(scores, attention)
         else:
-            k_low = k_high = min(cfg.dominant, n)
-            slots, k_continuous = cfg.dominant, None
+            # ``dominant`` counts CLS (VisionZip's convention): dominant - 1 patches.
+            k_low = k_high = min(cfg.dominant - 1, n)
+            slots, k_continuous = cfg.dominant - 1, None
         selection = select_dominant(scores, k_continuous, k_low, k_high, slots, cfg.select_tau)
 
         leftover = ~selection.keep
-        unit_keys = F.normalize(mean_keys, dim=-1, eps=UNIT_EPS)
-        patches = hidden[:, 1:]
         if merging.hierarchical:
-            contextual = hierarchical_merge(
+            contextual = hierarchical_plan(
                 unit_keys,
-                patches,
                 leftover,
                 scores,
                 num_slots=merging.contextual_num,
@@ -168,7 +166,7 @@ class SparseZipCompressor(nn.Module):
                 seed=cfg.seed,
             )
         else:
-            contextual = anchor_merge(unit_keys, patches, leftover, merging.contextual_num)
+            contextual = anchor_plan(unit_keys, leftover, merging.contextual_num)
 
         soft = selection.soft
         # Straight-through: the factor is exactly 1 in the forward pass, d/ds in the backward.
@@ -265,7 +263,12 @@ def _validate_config(config: SparseZipConfig, num_heads: int, head_dim: int, tex
         fail("layers must name at least one vision layer, got an empty list")
     if not all(isinstance(layer, int) for layer in layers):
         fail(f"layers must be ints, got {config.layers!r}")
-    for name in ("dominant", "k_min", "k_max", "seed"):
+    if not isinstance(config.dominant, int) or config.dominant < 1:
+        fail(
+            "dominant must be an int >= 1 (dominant tokens, CLS included, as VisionZip counts them), "
+            f"got {config.dominant!r}"
+        )
+    for name in ("k_min", "k_max", "seed"):
         value = getattr(config, name)
         if not isinstance(value, int) or (value < 0 and name != "seed"):
             fail(f"{name} must be a non-negative int, got {value!r}")

@@ -63,7 +63,7 @@ class SparseZipConfig:
     ``layers``: vision encoder layers used for scoring, indexed like ``hidden_states`` /
     LLaVA's ``mm_vision_select_layer`` (-2 = the second-to-last encoder layer).
     Ablations of SparseZip: ``hybrid_scoring=False`` scores by CLS attention alone,
-    ``dynamic_k=False`` keeps a fixed ``dominant`` patches, ``merging.hierarchical=False``
+    ``dynamic_k=False`` keeps a fixed ``dominant`` tokens (CLS included), ``merging.hierarchical=False``
     merges leftovers the VisionZip way.
     """
 
@@ -71,6 +71,9 @@ class SparseZipConfig:
     layers: list[int] = field(default_factory=lambda: [-2])
     dynamic_k: bool = True
     dominant: int = 54
+    """Dominant tokens of ``visionzip`` and of ``sparsezip`` with ``dynamic_k=False``, counted as
+    VisionZip counts them: CLS included, so ``dominant - 1`` patches are kept (VisionZip's
+    ``visionzip(model, dominant=54, contextual=10)`` yields 54 + 10 = 64 visual tokens). >= 1."""
     k_min: int = 8
     k_max: int = 64
     dynk: DynKConfig = field(default_factory=DynKConfig)

@@ -2,15 +2,25 @@
 
 Two merges, both batched over images with per-image leftover sets given as a boolean mask:
 
-* :func:`hierarchical_merge` (SparseZip, DESIGN.md section 2): weighted spherical k-means on the
+* :func:`hierarchical_plan` (SparseZip, DESIGN.md section 2): weighted spherical k-means on the
   unit head-averaged keys with deterministic k-means++ seeding, optional agglomerative merging of
   the centroids down to ``C_ctx``, and score-weighted averages of the members' hidden states.
-* :func:`anchor_merge` (VisionZip): uniformly spaced anchors among the leftovers, argmax
+* :func:`anchor_plan` (VisionZip): uniformly spaced anchors among the leftovers, argmax
   assignment of the others, anchor hidden state plus the mean of its members.
+
+Both return a :class:`ContextualPlan` (which patch goes to which token, with which weight): the
+compressor computes all output tokens from it in a single pass over the hidden states
+(:func:`output.assemble_output`); :func:`hierarchical_merge` and :func:`anchor_merge` compute the
+contextual tokens alone.
 
 Sequential steps (k-means++ picks, Lloyd iterations, agglomerative merges) are Python loops of a
 static length; every step is batched over images and clusters. An empty cluster never yields a
 token: its slot is masked out and its values are zero.
+
+CPU speed notes (all measured at LLaVA-1.5 shapes, one thread): per-point sums use ``index_add``
+(a one-hot matrix product costs k times the arithmetic), argmax over the short cluster axis is a
+max / compare / max of vectorized passes (:func:`_first_argmax`), and token sums use
+``embedding_bag`` (each needed row read once, no [B, N, C] temporary).
 """
 
 from __future__ import annotations
@@ -27,6 +37,20 @@ _HASH_MULT = 0x045D9F3B
 # keys collapse into one cluster instead of several copies of the same centroid.
 _DUPLICATE_D2 = 1e-6
 _MIN_WEIGHT = 1e-30
+
+
+class ContextualPlan(NamedTuple):
+    """Contextual tokens before they are computed: token ``s`` of image ``b`` is
+    ``sum_n weight[b, n] * hidden[b, n]`` over the patches with ``slot[b, n] == s``.
+
+    slot [B, N] long (-1: the patch is in no contextual token; this is the cluster map),
+    weight [B, N] float32, mask [B, C_ctx] bool (slots that make a token), count [B] long.
+    """
+
+    slot: torch.Tensor
+    weight: torch.Tensor
+    mask: torch.Tensor
+    count: torch.Tensor
 
 
 class ContextualTokens(NamedTuple):
@@ -56,6 +80,23 @@ def hash_uniform(rows: int, cols: int, seed: int, device: torch.device | str | N
     return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # 24 bits, strictly inside (0, 1)
 
 
+_NOISE_CACHE: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+
+def _exponential_noise(rows: int, cols: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``-log(hash_uniform(...))``: Exp(1) noise [rows, cols], memoized (outside ``torch.compile``)
+    since it depends on nothing but its arguments."""
+    if torch.compiler.is_compiling():
+        return -hash_uniform(rows, cols, seed, device).log()
+    key = (rows, cols, seed, str(device))
+    noise = _NOISE_CACHE.get(key)
+    if noise is None:
+        if len(_NOISE_CACHE) >= 64:
+            _NOISE_CACHE.clear()
+        noise = _NOISE_CACHE[key] = -hash_uniform(rows, cols, seed, device).log()
+    return noise
+
+
 def leftover_weights(scores: torch.Tensor, leftover: torch.Tensor, tau: float) -> torch.Tensor:
     """w proportional to softmax(s / tau) over each image's leftovers, 0 elsewhere.
 
@@ -80,6 +121,28 @@ def _dead_bias(alive: torch.Tensor) -> torch.Tensor:
     return torch.zeros(alive.shape, device=alive.device).masked_fill(~alive, float("-inf"))
 
 
+def _first_argmax(
+    sim: torch.Tensor, hits: torch.Tensor | None = None, countdown: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``sim.argmax(dim=1)`` for sim [B, k, N]: [B, N] long, ties going to the lowest index.
+
+    On CPU ``argmax`` over a short axis is several times slower than this: the maximum, a compare
+    and a second maximum of ``hit * (k - index)``, all vectorized along N. ``hits`` (a float buffer
+    shaped like ``sim``) and ``countdown`` (:func:`_countdown`) may be passed to reuse them. A
+    column without a maximum (NaN) gets index k - 1.
+    """
+    k = sim.shape[1]
+    best = sim.amax(dim=1, keepdim=True)
+    hits = torch.eq(sim, best, out=hits) if hits is not None else torch.eq(sim, best).to(sim.dtype)
+    countdown = _countdown(k, sim) if countdown is None else countdown
+    return (k - hits.mul_(countdown).amax(dim=1)).long().clamp_(max=k - 1)
+
+
+def _countdown(k: int, like: torch.Tensor) -> torch.Tensor:
+    """[k, 1] float: k, k - 1, ..., 1."""
+    return torch.arange(k, 0, -1, dtype=like.dtype, device=like.device).unsqueeze(-1)
+
+
 def kmeans_pp_init(
     points: torch.Tensor, weights: torch.Tensor, k: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,33 +154,43 @@ def kmeans_pp_init(
     Returns centroids [B, k, d] and alive [B, k]: False where no candidate was left (fewer
     distinct weighted points than k).
     """
-    batch, n, _ = points.shape
     # Exponential race (the Gumbel-max trick without logs): argmax_n p_n / E_n with E_n ~ Exp(1)
     # i.i.d. is a sample from the distribution proportional to p.
-    race = weights.unsqueeze(0) / -hash_uniform(k, n, seed, points.device).log().unsqueeze(1)  # [k, B, N]
-    # D^2(x, y) = |x|^2 + |y|^2 - 2 x.y as one product of augmented vectors.
-    sq_norms = (points * points).sum(dim=-1, keepdim=True)
+    noise = _exponential_noise(k, points.shape[1], seed, points.device)  # [k, N]
+    race = (weights.unsqueeze(0) / noise.unsqueeze(1)).unsqueeze(2).unbind(0)  # k views [B, 1, N]
+    # D^2(x, c) = |x|^2 + |c|^2 - 2 x.c, one product of augmented vectors [x, |x|^2, 1].[-2c, 1, |c|^2].
+    sq_norms = torch.linalg.vector_norm(points, dim=-1, keepdim=True).square_()
     ones = torch.ones_like(sq_norms)
-    lhs_t = torch.cat([points, sq_norms, ones], dim=-1).transpose(1, 2)  # [B, d + 2, N], a view
-    rhs = torch.cat([-2.0 * points, ones, sq_norms], dim=-1)  # [B, N, d + 2]
+    # A transposed view: the product reads it as is (a transposed copy would cost more than it saves).
+    lhs_t = torch.cat([points, sq_norms, ones], dim=-1).transpose(1, 2)  # [B, d + 2, N]
+    rhs = torch.cat([points, ones, sq_norms], dim=-1)  # [B, N, d + 2]
+    rhs[..., : points.shape[-1]].mul_(-2.0)
     chosen, best = [], []
     min_d2 = None
     for step in range(k):
-        value, index = (race[0] if min_d2 is None else race[step] * min_d2).max(dim=1, keepdim=True)
+        value, index = (race[0] if min_d2 is None else race[step] * min_d2).max(dim=2, keepdim=True)  # [B, 1, 1]
         chosen.append(index)
         best.append(value)
         if step == k - 1:
             break
-        d2 = torch.bmm(_gather_rows(rhs, index), lhs_t).squeeze(1)  # row times matrix: no slow gemv
+        # A row times a matrix: a (much slower) matrix-vector product otherwise.
+        d2 = torch.bmm(rhs.gather(1, index.expand(-1, -1, rhs.shape[-1])), lhs_t)  # [B, 1, N]
         d2 = torch.threshold(d2, _DUPLICATE_D2, 0.0)
         min_d2 = d2 if min_d2 is None else torch.minimum(min_d2, d2)
-    return _gather_rows(points, torch.cat(chosen, dim=1)), torch.cat(best, dim=1) > 0
+    return _gather_rows(points, torch.cat(chosen, dim=1).squeeze(-1)), torch.cat(best, dim=1).squeeze(-1) > 0
 
 
 def assign_nearest(points: torch.Tensor, centroids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """Index of the most cosine-similar live centroid for every point: [B, N] long."""
-    sim = torch.baddbmm(_dead_bias(alive).unsqueeze(1), points, centroids.transpose(1, 2))
-    return sim.argmax(dim=-1)
+    """Index of the most cosine-similar live centroid for every point: [B, N] long (ties: lowest)."""
+    sim = torch.baddbmm(_dead_bias(alive).unsqueeze(-1), centroids, points.transpose(1, 2))  # [B, k, N]
+    return _first_argmax(sim)
+
+
+def _sum_by_index_add(device: torch.device) -> bool:
+    """Per-cluster sums by ``index_add`` (CPU: every point added once, where a one-hot matrix
+    product costs k times more) or by that product (elsewhere: a GPU's ``index_add`` adds with
+    atomics, in a varying order, so results would not be reproducible)."""
+    return device.type == "cpu"
 
 
 def weighted_kmeans(
@@ -130,27 +203,62 @@ def weighted_kmeans(
     members) and the final assignment [B, N].
     """
     batch, k, dim = centroids.shape
-    weighted = points * weights.unsqueeze(-1)
+    n = points.shape[1]
+    weighted = points * weights.unsqueeze(-1)  # [B, N, d]
     points_t = points.transpose(1, 2)  # a view: the matmul reads it transposed, no copy
     bias = _dead_bias(alive).unsqueeze(-1)  # [B, k, 1]
     # Buffers reused by every iteration (fresh large allocations cost page faults on CPU).
-    sim = points.new_empty(batch, k, points.shape[1])
-    members = torch.empty_like(sim)
-    for _ in range(iters):
-        # Membership as "similarity equals the best one": a max and a compare, then a matmul, are
-        # much cheaper on CPU than argmax + scatter over [B, N, k]. A point exactly equidistant
-        # from two centroids would count for both in this step; the final assignment is exact.
+    sim = points.new_empty(batch, k, n)
+    hits = torch.empty_like(sim)
+    countdown = _countdown(k, sim)
+    if _sum_by_index_add(points.device):
+        row_of_image = torch.arange(batch, device=points.device).mul_(k).unsqueeze(1)  # [B, 1]
+
+        def cluster_sums(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            """values [B, N, m] -> per-cluster sums [B, k, m]."""
+            rows = (assignment + row_of_image).view(-1)
+            flat = values.reshape(batch * n, -1)
+            return flat.new_zeros(batch * k, flat.shape[1]).index_add_(0, rows, flat).view(batch, k, -1)
+
+    else:
+
+        def cluster_sums(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            one_hot = torch.zeros_like(sim).scatter_(1, assignment.unsqueeze(1), 1.0)
+            return torch.bmm(one_hot, values)
+
+    def assign() -> torch.Tensor:
         torch.baddbmm(bias, centroids, points_t, out=sim)  # [B, k, N]
-        # (a float ``out`` also skips a separate bool -> float conversion)
-        torch.eq(sim, sim.amax(dim=1, keepdim=True), out=members)
-        sums = torch.bmm(members, weighted)
+        return _first_argmax(sim, hits, countdown)
+
+    for _ in range(iters):
+        sums = cluster_sums(assign(), weighted)
         norm = sums.norm(dim=-1, keepdim=True)
         # A cluster without (weighted) members keeps its previous centroid.
         centroids = torch.where(norm > 0, sums / norm.clamp_min(1e-30), centroids)
-    assignment = assign_nearest(points, centroids, alive)
-    sums = weighted.new_zeros(batch, k, dim).scatter_add_(1, assignment.unsqueeze(-1).expand(-1, -1, dim), weighted)
-    mass = weights.new_zeros(batch, k).scatter_add_(1, assignment, weights)
-    return sums, alive & (mass > 0), assignment
+    assignment = assign()
+    mass = cluster_sums(assignment, weights.unsqueeze(-1)).squeeze(-1)
+    return cluster_sums(assignment, weighted), alive & (mass > 0), assignment
+
+
+_PAIR_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _pair_tables(k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a k x k similarity matrix: the -inf diagonal bias [k, k] and, per flat index, the
+    (lower, higher) of (row, col) [k * k + 1, 2], the last row (k, k) for "nothing to merge".
+    Memoized outside ``torch.compile`` (constants of k)."""
+    key = (k, str(device))
+    if not torch.compiler.is_compiling() and key in _PAIR_CACHE:
+        return _PAIR_CACHE[key]
+    not_self = torch.zeros(k, k, device=device).fill_diagonal_(float("-inf"))
+    index = torch.arange(k, device=device)
+    pairs = torch.stack(torch.broadcast_tensors(index.unsqueeze(1), index.unsqueeze(0)), dim=-1).view(k * k, 2)
+    pairs = torch.cat([pairs.sort(dim=1).values, pairs.new_full((1, 2), k)])
+    if not torch.compiler.is_compiling():
+        if len(_PAIR_CACHE) >= 64:
+            _PAIR_CACHE.clear()
+        _PAIR_CACHE[key] = (not_self, pairs)
+    return not_self, pairs
 
 
 def agglomerate(sums: torch.Tensor, alive: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,63 +271,174 @@ def agglomerate(sums: torch.Tensor, alive: torch.Tensor, target: int) -> tuple[t
     Returns the merged sums [B, k, d] and alive [B, k].
     """
     batch, k, dim = sums.shape
-    # Row k is a trash slot: inactive images "merge" trash into trash.
-    sums = F.pad(sums, (0, 0, 0, 1))
-    alive = F.pad(alive, (0, 1))
-    not_self = ~torch.eye(k, dtype=torch.bool, device=sums.device)
-    # flat index of a k x k matrix -> (lower, higher) of (row, col); index k * k -> (trash, trash)
-    pairs = torch.cartesian_prod(torch.arange(k, device=sums.device), torch.arange(k, device=sums.device))
-    pairs = torch.cat([pairs.sort(dim=1).values, pairs.new_full((1, 2), k)])
-    for _ in range(k - target):
-        live = alive[:, :k]
-        centroids = F.normalize(sums[:, :k], dim=-1, eps=1e-12)
-        valid = live.unsqueeze(2) & live.unsqueeze(1) & not_self
-        bias = torch.zeros(valid.shape, device=sums.device).masked_fill(~valid, float("-inf"))
-        flat = torch.baddbmm(bias, centroids, centroids.transpose(1, 2)).flatten(1).argmax(dim=1)
-        flat = torch.where(live.sum(dim=1) > target, flat, k * k)
-        first, second = pairs[flat].unsqueeze(-1).unbind(dim=1)  # [B, 1] each, first < second
-        sums = sums.scatter_add(1, first.unsqueeze(-1).expand(-1, -1, dim), _gather_rows(sums, second))
-        alive = alive.scatter(1, second, False)
-    return sums[:, :k], alive[:, :k]
+    steps = k - target
+    if steps <= 0:
+        return sums, alive
+    device = sums.device
+    rows = k + 1  # row k of each image is a trash slot: with nothing to merge, trash merges into trash
+    sums = F.pad(sums, (0, 0, 0, 1))  # a fresh tensor, updated in place below
+    dead = _dead_bias(F.pad(alive, (0, 1)))  # [B, k + 1]: 0 live, -inf dead
+    # Views that follow the in-place updates of ``sums`` and ``dead``.
+    sums_flat, dead_flat, live_sums = sums.view(batch * rows, dim), dead.view(-1), sums[:, :k]
+    dead_rows, dead_cols = dead[:, :k].unsqueeze(2), dead[:, :k].unsqueeze(1)
+    not_self, pairs = _pair_tables(k, device)
+    image = torch.arange(batch, device=device)
+    # flat index of image b's k x k matrix (k * k: nothing to merge) -> flat rows of (lower, higher)
+    pair_rows = (pairs.unsqueeze(0) + (image * rows).view(batch, 1, 1)).view(-1, 2)  # [B * (k * k + 1), 2]
+    first_pair = image * (k * k + 1)
+    trash = first_pair + k * k
+    # Every merge removes one live cluster: image b merges in its first (live_b - target) steps.
+    active = ((alive.sum(dim=1, keepdim=True) - target) > torch.arange(steps, device=device)).unbind(1)
+    for step in range(steps):
+        centroids = F.normalize(live_sums, dim=-1, eps=1e-12)
+        bias = dead_rows + (dead_cols + not_self)  # -inf: a dead cluster or the diagonal
+        flat = torch.baddbmm(bias, centroids, centroids.transpose(1, 2)).view(batch, k * k).argmax(dim=1)
+        merge = pair_rows[torch.where(active[step], flat + first_pair, trash)]  # [B, 2] flat rows
+        first, second = merge.unbind(1)
+        sums_flat.index_add_(0, first, sums_flat.index_select(0, second))
+        dead_flat.index_fill_(0, second, float("-inf"))
+    return sums[:, :k], dead[:, :k] == 0
 
 
-def _slot_counts(slot: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """Members per slot: slot [B, N] (-1 = none) -> [B, num_slots] long."""
-    target = torch.where(slot >= 0, slot, num_slots)
-    counts = torch.zeros(slot.shape[0], num_slots + 1, dtype=torch.long, device=slot.device)
-    return counts.scatter_add(1, target, torch.ones_like(target))[:, :num_slots]
-
-
-def _slot_sums(patches: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+def _bag_sums(patches: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
     """``sum_n weights_n * patches_n`` per slot: [B, num_slots, C] float32; slot -1 drops a patch.
 
-    A product with a [B, num_slots, N] one-hot weight matrix: more arithmetic than an index_add
-    over rows, but no [B, N, C] temporary (same speed on CPU, better on GPU).
+    One ``embedding_bag`` over the patches grouped by (image, slot): every patch row is read once
+    and scaled on the fly, with no [B, N, C] temporary and no one-hot matrix product.
     """
-    batch, n, _ = patches.shape
-    target = torch.where(slot >= 0, slot, num_slots).unsqueeze(1)
-    one_hot = weights.new_zeros(batch, num_slots + 1, n).scatter_(1, target, weights.unsqueeze(1))
-    return torch.bmm(one_hot[:, :num_slots], patches.float())
+    batch, n, width = patches.shape
+    bags = num_slots + 1  # the last bag of each image collects the dropped patches
+    image = torch.arange(batch, device=slot.device).unsqueeze(1)
+    key = (torch.where(slot >= 0, slot, num_slots) + image * bags).view(-1)
+    counts = torch.zeros(batch * bags, dtype=torch.long, device=slot.device).index_add_(0, key, torch.ones_like(key))
+    order = key.argsort(stable=True)  # grouped by bag, patch order inside a bag
+    table, first_row = _row_table(patches.float())
+    rows = order + first_row.index_select(0, torch.div(order, n, rounding_mode="floor"))
+    offsets = counts.cumsum(0) - counts
+    sums = F.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights.reshape(-1)[order])
+    return sums.view(batch, bags, width)[:, :num_slots]
 
 
-def _weighted_means(
-    patches: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, num_slots: int
-) -> torch.Tensor:
-    """Per-slot weighted mean of hidden states: [B, num_slots, C] float32 (exactly 0 for empty slots)."""
+def _row_table(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [R, C] view of the patch rows (no copy for ``hidden[:, 1:]`` and the like) and, per image,
+    the offset to add to the flat patch index ``b * N + n`` to get its row: [B] long."""
+    batch, n, width = patches.shape
+    image_stride, row_stride, col_stride = patches.stride()
+    spare = torch.arange(batch, device=patches.device)
+    if row_stride == width and col_stride == 1 and image_stride % width == 0 and image_stride >= n * width:
+        rows_per_image = image_stride // width
+        table = patches.as_strided(((batch - 1) * rows_per_image + n, width), (width, 1))
+        return table, spare * (rows_per_image - n)
+    return patches.reshape(batch * n, width), spare * 0
+
+
+def _slot_totals(values: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """Sum of ``values`` [B, N] per slot: [B, num_slots + 1], the last column for slot -1."""
     target = torch.where(slot >= 0, slot, num_slots)
-    totals = weights.new_zeros(weights.shape[0], num_slots + 1).scatter_add(1, target, weights)
-    normalized = weights / totals.gather(1, target).clamp_min(torch.finfo(weights.dtype).tiny)
-    return _slot_sums(patches, normalized, slot, num_slots)
+    return values.new_zeros(values.shape[0], num_slots + 1).scatter_add(1, target, values)
 
 
-def _empty(hidden: torch.Tensor) -> ContextualTokens:
-    batch, n, width = hidden.shape
-    return ContextualTokens(
-        hidden.new_zeros(batch, 0, width),
-        torch.zeros(batch, 0, dtype=torch.bool, device=hidden.device),
-        torch.full((batch, n), -1, dtype=torch.long, device=hidden.device),
-        torch.zeros(batch, dtype=torch.long, device=hidden.device),
+def _empty_plan(unit_keys: torch.Tensor) -> ContextualPlan:
+    batch, n, _ = unit_keys.shape
+    device = unit_keys.device
+    return ContextualPlan(
+        torch.full((batch, n), -1, dtype=torch.long, device=device),
+        torch.zeros(batch, n, device=device),
+        torch.zeros(batch, 0, dtype=torch.bool, device=device),
+        torch.zeros(batch, dtype=torch.long, device=device),
     )
+
+
+def contextual_tokens(plan: ContextualPlan, patches: torch.Tensor) -> ContextualTokens:
+    """Compute the tokens of a plan: patches [B, N, C] -> :class:`ContextualTokens` (patches' dtype).
+
+    (The compressor does not call this: :func:`output.assemble_output` computes every output
+    token, dominant and contextual, in one pass over the hidden states.)
+    """
+    num_slots = plan.mask.shape[1]
+    if num_slots == 0:
+        tokens = patches.new_zeros(patches.shape[0], 0, patches.shape[2])
+    else:
+        tokens = _bag_sums(patches, plan.weight, plan.slot, num_slots).to(patches.dtype)
+    return ContextualTokens(tokens, plan.mask, plan.slot, plan.count)
+
+
+def hierarchical_plan(
+    unit_keys: torch.Tensor,
+    leftover: torch.Tensor,
+    scores: torch.Tensor,
+    num_slots: int,
+    init_factor: float,
+    iters: int,
+    agglomerative: bool,
+    weight_tau: float,
+    seed: int,
+) -> ContextualPlan:
+    """SparseZip's contextual tokens, as a :class:`ContextualPlan`.
+
+    unit_keys [B, N, d] (float32), leftover [B, N] bool, scores [B, N] (float32; gradients flow
+    through the aggregation weights, the clustering itself is discrete). k0 =
+    ceil(init_factor * num_slots) centroids when ``agglomerative`` (merged down to
+    ``num_slots``), else ``num_slots``; k0 is capped at N. Each token is the w-weighted mean of
+    its members, w = softmax(s / weight_tau) over the leftovers.
+    """
+    n = unit_keys.shape[1]
+    if num_slots == 0:
+        return _empty_plan(unit_keys)
+    k0 = max(math.ceil(init_factor * num_slots), num_slots) if agglomerative else num_slots
+    k0 = min(k0, n)
+
+    weights = leftover_weights(scores, leftover, weight_tau)
+    points, cluster_weights = unit_keys.detach(), weights.detach()
+    centroids, alive = kmeans_pp_init(points, cluster_weights, k0, seed)
+    sums, alive, assignment = weighted_kmeans(points, cluster_weights, centroids, alive, iters)
+    if k0 > num_slots:
+        sums, alive = agglomerate(sums, alive, num_slots)
+        assignment = assign_nearest(points, F.normalize(sums, dim=-1, eps=1e-12), alive)
+    rank = alive.long().cumsum(dim=1) - 1  # slot of each live centroid, < num_slots
+    slot = torch.where(leftover, rank.gather(1, assignment), -1)
+    target = torch.where(slot >= 0, slot, num_slots)
+    totals = _slot_totals(weights, slot, num_slots)
+    normalized = weights / totals.gather(1, target).clamp_min(torch.finfo(weights.dtype).tiny)
+    # An empty slot has no member, hence no token (and an exactly zero row in the output).
+    mask = _slot_totals(leftover.to(weights.dtype), slot, num_slots)[:, :num_slots] > 0
+    return ContextualPlan(slot, normalized, mask, mask.sum(dim=1))
+
+
+def anchor_plan(unit_keys: torch.Tensor, leftover: torch.Tensor, num_slots: int) -> ContextualPlan:
+    """VisionZip's contextual tokens on a per-image leftover set, as a :class:`ContextualPlan`.
+
+    Among the R leftovers (spatial order), ``step = max(1, R // num_slots)`` and the leftovers of
+    rank 0, step, 2*step, ... (at most ``num_slots``) are anchors; every other leftover joins the
+    anchor of highest dot product of unit keys; token = anchor hidden + mean of the members'
+    hidden states (weights 1 and 1 / members). Slots without an anchor (R < num_slots) are masked.
+    """
+    batch, n, _ = unit_keys.shape
+    if num_slots == 0:
+        return _empty_plan(unit_keys)
+    device = unit_keys.device
+    rank = leftover.long().cumsum(dim=1) - 1
+    total = leftover.sum(dim=1, keepdim=True)
+    step = torch.div(total, num_slots, rounding_mode="floor").clamp_min(1)
+    anchor_slot = torch.div(rank, step, rounding_mode="floor")
+    is_anchor = leftover & (rank % step == 0) & (anchor_slot < num_slots)
+
+    positions = torch.arange(n, device=device).expand(batch, n)
+    target = torch.where(is_anchor, anchor_slot, num_slots)
+    anchor_pos = torch.full((batch, num_slots + 1), n, dtype=torch.long, device=device)
+    anchor_pos = anchor_pos.scatter(1, target, positions)[:, :num_slots]  # column num_slots: discard
+    has_anchor = anchor_pos < n
+    anchor_pos = anchor_pos.clamp(max=n - 1)
+
+    anchor_keys = _gather_rows(unit_keys, anchor_pos)
+    assignment = assign_nearest(unit_keys, anchor_keys, has_anchor)
+    member = leftover & ~is_anchor
+    member_slot = torch.where(member, assignment, -1)
+    members = _slot_totals(member.to(torch.float32), member_slot, num_slots).clamp_min(1.0)
+    member_weight = 1.0 / members.gather(1, torch.where(member, assignment, num_slots))
+    weight = torch.where(is_anchor, 1.0, torch.where(member, member_weight, 0.0))
+    cluster_map = torch.where(is_anchor, anchor_slot, member_slot)
+    return ContextualPlan(cluster_map, weight, has_anchor, has_anchor.sum(dim=1))
 
 
 def hierarchical_merge(
@@ -234,67 +453,15 @@ def hierarchical_merge(
     weight_tau: float,
     seed: int,
 ) -> ContextualTokens:
-    """SparseZip's contextual tokens.
-
-    unit_keys [B, N, d] (float32), hidden [B, N, C], leftover [B, N] bool, scores [B, N]
-    (float32; gradients flow through the aggregation weights, the clustering itself is
-    discrete). k0 = ceil(init_factor * num_slots) centroids when ``agglomerative`` (merged down
-    to ``num_slots``), else ``num_slots``; k0 is capped at N.
-    """
-    batch, n, _ = hidden.shape
-    if num_slots == 0:
-        return _empty(hidden)
-    k0 = max(math.ceil(init_factor * num_slots), num_slots) if agglomerative else num_slots
-    k0 = min(k0, n)
-
-    weights = leftover_weights(scores, leftover, weight_tau)
-    points, cluster_weights = unit_keys.detach(), weights.detach()
-    centroids, alive = kmeans_pp_init(points, cluster_weights, k0, seed)
-    sums, alive, assignment = weighted_kmeans(points, cluster_weights, centroids, alive, iters)
-    if k0 > num_slots:
-        sums, alive = agglomerate(sums, alive, num_slots)
-        assignment = assign_nearest(points, F.normalize(sums, dim=-1, eps=1e-12), alive)
-    rank = alive.long().cumsum(dim=1) - 1  # slot of each live centroid, < num_slots
-    slot = torch.where(leftover, rank.gather(1, assignment), -1)
-    # An empty slot has an all-zero weight column, hence an exactly zero mean.
-    tokens = _weighted_means(hidden, weights, slot, num_slots).to(hidden.dtype)
-    mask = _slot_counts(slot, num_slots) > 0
-    return ContextualTokens(tokens, mask, slot, mask.sum(dim=1))
+    """SparseZip's contextual tokens (:func:`hierarchical_plan`) computed from hidden [B, N, C]."""
+    plan = hierarchical_plan(
+        unit_keys, leftover, scores, num_slots, init_factor, iters, agglomerative, weight_tau, seed
+    )
+    return contextual_tokens(plan, hidden)
 
 
 def anchor_merge(
     unit_keys: torch.Tensor, hidden: torch.Tensor, leftover: torch.Tensor, num_slots: int
 ) -> ContextualTokens:
-    """VisionZip's contextual tokens on a per-image leftover set.
-
-    Among the R leftovers (spatial order), ``step = max(1, R // num_slots)`` and the leftovers of
-    rank 0, step, 2*step, ... (at most ``num_slots``) are anchors; every other leftover joins the
-    anchor of highest dot product of unit keys; token = anchor hidden + mean of the members'
-    hidden states (count clamped to >= 1). Slots without an anchor (R < num_slots) are masked.
-    """
-    batch, n, _ = hidden.shape
-    if num_slots == 0:
-        return _empty(hidden)
-    rank = leftover.long().cumsum(dim=1) - 1
-    total = leftover.sum(dim=1, keepdim=True)
-    step = torch.div(total, num_slots, rounding_mode="floor").clamp_min(1)
-    anchor_slot = torch.div(rank, step, rounding_mode="floor")
-    is_anchor = leftover & (rank % step == 0) & (anchor_slot < num_slots)
-
-    positions = torch.arange(n, device=hidden.device).expand(batch, n)
-    target = torch.where(is_anchor, anchor_slot, num_slots)
-    anchor_pos = torch.full((batch, num_slots + 1), n, dtype=torch.long, device=hidden.device)
-    anchor_pos = anchor_pos.scatter(1, target, positions)[:, :num_slots]  # column num_slots: discard
-    has_anchor = anchor_pos < n
-    anchor_pos = anchor_pos.clamp(max=n - 1)
-
-    anchor_keys = _gather_rows(unit_keys, anchor_pos)
-    assignment = assign_nearest(unit_keys, anchor_keys, has_anchor)
-    member = leftover & ~is_anchor
-    member_slot = torch.where(member, assignment, -1)
-    sums = _slot_sums(hidden, member.to(torch.float32), member_slot, num_slots)
-    counts = _slot_counts(member_slot, num_slots).clamp_min(1).unsqueeze(-1)
-    tokens = _gather_rows(hidden, anchor_pos).float() + sums / counts
-    tokens = tokens.masked_fill_(~has_anchor.unsqueeze(-1), 0.0).to(hidden.dtype)
-    cluster_map = torch.where(is_anchor, anchor_slot, member_slot)
-    return ContextualTokens(tokens, has_anchor, cluster_map, has_anchor.sum(dim=1))
+    """VisionZip's contextual tokens (:func:`anchor_plan`) computed from hidden [B, N, C]."""
+    return contextual_tokens(anchor_plan(unit_keys, leftover, num_slots), hidden)

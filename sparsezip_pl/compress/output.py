@@ -1,18 +1,19 @@
-"""Assembling a :class:`CompressionOutput` from dominant patches and contextual tokens."""
+"""Assembling a :class:`CompressionOutput` from dominant patches and a contextual plan."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import CompressionOutput
-from .merge import ContextualTokens
+from .merge import ContextualPlan
 
 
 def assemble_output(
     hidden: torch.Tensor,
     dominant_indices: torch.Tensor,
     num_dominant: torch.Tensor,
-    contextual: ContextualTokens,
+    contextual: ContextualPlan,
     scores: torch.Tensor,
     expected_tokens: torch.Tensor,
     dominant_scale: torch.Tensor | None = None,
@@ -22,21 +23,54 @@ def assemble_output(
     hidden [B, L, C]; dominant_indices [B, slots] patch indices in spatial order with ``N`` in
     unused slots; dominant_scale [B, N] optional per-patch factor applied to the dominant tokens
     (the straight-through ``1 + m - m.detach()``). Padding slots hold zeros and are masked.
+
+    Every output token is a weighted sum of rows of ``hidden`` (CLS and a dominant patch: one row
+    of weight 1 or the straight-through factor; a contextual token: its plan's members), so the
+    whole output is one ``embedding_bag`` over the rows grouped by output slot: each needed row is
+    read once and the result is written in place, with no gather, concatenation or zero fill
+    (an empty slot is an empty bag, which sums to exactly 0).
     """
     batch, length, width = hidden.shape
     n = length - 1
+    slots = dominant_indices.shape[1]
+    t_max = 1 + slots + contextual.mask.shape[1]
+    device = hidden.device
+    image = torch.arange(batch, device=device).unsqueeze(1)
+    first_bag, first_row = image * t_max, image * length
+    unused = batch * t_max  # one extra bag, after the output's, collects every unused entry
+
     used = dominant_indices < n
     safe = dominant_indices.clamp(max=n - 1)
-    # Rows of the flattened [B * L, C] hidden states: index_select is much faster than a gather
-    # with an expanded [B, slots, C] index.
-    rows = safe + 1 + torch.arange(batch, device=hidden.device).unsqueeze(1) * length
-    dominant = hidden.reshape(batch * length, width).index_select(0, rows.flatten()).view(batch, -1, width)
-    if dominant_scale is not None:
-        dominant = dominant * dominant_scale.gather(1, safe).unsqueeze(-1).to(dominant.dtype)
-    dominant = dominant.masked_fill_(~used.unsqueeze(-1), 0.0)  # a fresh tensor: in place is safe
+    in_context = contextual.slot >= 0
+    bag = torch.cat(
+        [
+            first_bag,  # CLS
+            torch.where(used, first_bag + 1 + torch.arange(slots, device=device), unused),
+            torch.where(in_context, first_bag + 1 + slots + contextual.slot, unused),
+        ],
+        dim=1,
+    ).view(-1)
+    # Unused entries read row 0 with weight 0: the same cached row, no traffic.
+    row = torch.cat(
+        [
+            first_row,
+            torch.where(used, first_row + 1 + safe, 0),
+            torch.where(in_context, first_row + 1 + torch.arange(n, device=device), 0),
+        ],
+        dim=1,
+    ).view(-1)
+    ones = torch.ones(batch, 1, device=device)
+    dominant_weight = ones.expand(batch, slots) if dominant_scale is None else dominant_scale.gather(1, safe).float()
+    weight = torch.cat([ones, dominant_weight, contextual.weight.float()], dim=1).view(-1)
 
-    tokens = torch.cat([hidden[:, :1], dominant, contextual.tokens], dim=1)
-    cls_mask = torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)
+    order = bag.argsort(stable=True)  # grouped by output slot; patch order inside a slot
+    counts = torch.zeros(unused + 1, dtype=torch.long, device=device).index_add_(0, bag, torch.ones_like(bag))
+    offsets = counts.cumsum(0) - counts
+    table = hidden.reshape(batch * length, width).float()  # a view for contiguous float32 hidden states
+    tokens = F.embedding_bag(row[order], table, offsets, mode="sum", per_sample_weights=weight[order])
+    tokens = tokens[:unused].view(batch, t_max, width).to(hidden.dtype)
+
+    cls_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
     mask = torch.cat([cls_mask, used, contextual.mask], dim=1)
     return CompressionOutput(
         tokens=tokens,
@@ -44,7 +78,7 @@ def assemble_output(
         kept_indices=torch.where(used, dominant_indices, -1),
         num_dominant=num_dominant,
         num_contextual=contextual.count,
-        cluster_map=contextual.cluster_map,
+        cluster_map=contextual.slot,
         scores=scores,
         expected_tokens=expected_tokens,
     )

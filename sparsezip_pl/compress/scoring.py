@@ -4,7 +4,8 @@ All functions work on float32 tensors and are batched; several scoring layers ar
 folding the layer axis into the batch axis. Nothing here builds an L x L attention map: the CLS
 attention row is computed from the captured CLS query and keys in O(L) per head. The only
 quadratic object is the N x N patch-similarity matrix of the mutual-information proxy, which is
-N x N by definition.
+N x N by definition; without autograd it is reduced block by block and never stored whole
+(:func:`mutual_information_proxy`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from .config import SparseZipConfig
 
 ZSCORE_EPS = 1e-6
 UNIT_EPS = 1e-12
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+# Base-2 logit of a masked entry: 2^y is exactly 0 and 0 * y stays 0 (no NaN, unlike -inf).
+_MASKED_LOGIT = -1.0e4
+# Fixed-shift path of the MI proxy: its logits reach -2 log2(e) / tau, which must stay well above
+# float32's smallest normal exponent (-126).
+_FIXED_SHIFT_MIN_TAU = 2.0 * _LOG2E / 120.0
+# Elements per block of the N x N similarity on CPU (two float32 buffers of at most 2 MiB, reused
+# by every block, so they stay in cache and are never page-faulted back in; at LLaVA's N = 576 and
+# B = 8 this makes 3 x 3 blocks of 192 rows, the fastest of the sizes measured).
+_BLOCK_ELEMENTS = 1 << 19
 
 
 def zscore(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -56,33 +68,128 @@ def feature_entropy(unit_keys: torch.Tensor, tau_feat: float) -> torch.Tensor:
     unit_keys: [..., N, d]  ->  [..., N] in [0, 1].
     """
     d = unit_keys.shape[-1]
-    log_p = torch.log_softmax(unit_keys / tau_feat, dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
+    # H = log Z - sum(e * y) / Z with y the logits in base 2, shifted by their maximum, and
+    # e = 2^y: one exp2 (several times cheaper than exp on CPU), no normalized softmax and no
+    # log-probabilities. H does not depend on the shift, hence a detached one (and in-place ops).
+    y = unit_keys * (_LOG2E / tau_feat)
+    y = y.sub_(y.detach().amax(dim=-1, keepdim=True))
+    e = torch.exp2(y)
+    total = e.sum(dim=-1)
+    dot = (e * y if e.requires_grad else e.mul_(y)).sum(dim=-1)
+    entropy = (total.log2() - dot / total) * _LN2
     return entropy / max(math.log(d), UNIT_EPS)
 
 
 def mutual_information_proxy(unit_keys: torch.Tensor, tau_sim: float) -> torch.Tensor:
     """``1 - H(row-softmax(z z^T / tau_sim)) / log(N - 1)`` with the diagonal masked out.
 
-    unit_keys: [B, N, d]  ->  [B, N]. High values mark patches that resemble few others.
+    unit_keys: [B, N, d], rows of norm <= 1 (unit, or zero for a zero key)  ->  [B, N].
+    High values mark patches that resemble few others.
+
+    The N x N similarity matrix is the only quadratic object of the compressor. Without autograd
+    it is never materialized: per row, ``H = log Z - sum_j e_j y_j / Z`` with ``y`` the logits
+    shifted by a bound of the row maximum and ``e = 2^y`` (base 2: ``exp2`` is several times
+    cheaper than ``exp`` on CPU), accumulated block by block in buffers that stay in cache (on
+    CPU). With ``tau_sim >= _FIXED_SHIFT_MIN_TAU`` the shift is the global bound ``1 / tau_sim``
+    (no row maximum needed), so each off-diagonal block of the symmetric matrix serves its rows
+    and its columns: half the matrix product and half the exponentials.
     """
     n = unit_keys.shape[-2]
     if n < 2:
         return unit_keys.new_ones(unit_keys.shape[:-1])
-    x = torch.bmm(unit_keys * (1.0 / tau_sim), unit_keys.transpose(1, 2))
+    if unit_keys.requires_grad and torch.is_grad_enabled():
+        entropy = _similarity_entropy_autograd(unit_keys, tau_sim)
+    elif tau_sim >= _FIXED_SHIFT_MIN_TAU:
+        entropy = _similarity_entropy_symmetric(unit_keys, tau_sim)
+    else:
+        entropy = _similarity_entropy_rows(unit_keys, tau_sim)
+    max_entropy = math.log(n - 1) if n > 2 else 1.0  # n == 2: one candidate, entropy 0
+    return 1.0 - entropy.clamp_min(0.0) / max_entropy
+
+
+def _block_rows(batch: int, n: int, device: torch.device) -> int:
+    """Rows per block of the N x N matrix: all of them off CPU, else about _BLOCK_ELEMENTS per block."""
+    if device.type != "cpu" or batch * n * n <= _BLOCK_ELEMENTS:
+        return n
+    rows = max(16, int(math.sqrt(_BLOCK_ELEMENTS / batch)))
+    blocks = -(-n // rows)
+    return -(-n // blocks)  # balanced blocks
+
+
+def _similarity_entropy_symmetric(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """Row entropies (nats) of softmax(z z^T / tau), diagonal excluded, over upper-triangular blocks.
+
+    Logits in base 2 shifted by the bound ``1 / tau`` of every entry (rows of norm <= 1):
+    ``y = (x - 1) * log2(e) / tau`` lies in ``[-2 log2(e) / tau, 0]``, so ``2^y`` neither overflows
+    nor underflows for ``tau >= _FIXED_SHIFT_MIN_TAU``.
+    """
+    batch, n, _ = z.shape
+    rows = _block_rows(batch, n, z.device)
+    bounds = [(start, min(n, start + rows)) for start in range(0, n, rows)]
+    alpha = _LOG2E / tau
+    shift = z.new_full((), -alpha)
+    z_t = z.transpose(1, 2)
+    total = z.new_zeros(batch, n)  # Z = sum_j e_j
+    dot = z.new_zeros(batch, n)  # sum_j e_j y_j
+    # Two flat buffers reused by every block (fresh large allocations cost page faults on CPU).
+    y_buf = z.new_empty(batch * rows * rows)
+    e_buf = torch.empty_like(y_buf)
+    for i, (r0, r1) in enumerate(bounds):
+        for c0, c1 in bounds[i:]:
+            size = (batch, r1 - r0, c1 - c0)
+            numel = size[0] * size[1] * size[2]
+            y = torch.baddbmm(shift, z[:, r0:r1], z_t[:, :, c0:c1], alpha=alpha, out=y_buf[:numel].view(size))
+            diagonal = c0 == r0
+            if diagonal:
+                y.diagonal(dim1=1, dim2=2).fill_(_MASKED_LOGIT)  # 2^y = 0 and 0 * y = 0 exactly
+            e = torch.exp2(y, out=e_buf[:numel].view(size))
+            total[:, r0:r1].add_(e.sum(dim=2))
+            if not diagonal:
+                total[:, c0:c1].add_(e.sum(dim=1))
+            e.mul_(y)
+            dot[:, r0:r1].add_(e.sum(dim=2))
+            if not diagonal:
+                dot[:, c0:c1].add_(e.sum(dim=1))
+    return (total.log2() - dot / total) * _LN2
+
+
+def _similarity_entropy_rows(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """Row entropies (nats) like :func:`_similarity_entropy_symmetric`, shifted by each row's maximum.
+
+    For small ``tau``, where the global bound could underflow: full rows, in chunks.
+    """
+    batch, n, _ = z.shape
+    rows = max(1, min(n, _BLOCK_ELEMENTS // max(1, batch * n)))
+    alpha = _LOG2E / tau
+    z_t = z.transpose(1, 2)
+    entropy = z.new_empty(batch, n)
+    y_buf = z.new_empty(batch * rows * n)
+    e_buf = torch.empty_like(y_buf)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        size = (batch, r1 - r0, n)
+        numel = size[0] * size[1] * size[2]
+        x = torch.bmm(z[:, r0:r1], z_t, out=y_buf[:numel].view(size))
+        x.diagonal(offset=r0, dim1=1, dim2=2).fill_(float("-inf"))
+        y = x.sub_(x.amax(dim=2, keepdim=True)).mul_(alpha)  # n >= 2: every row has a finite maximum
+        y.diagonal(offset=r0, dim1=1, dim2=2).fill_(_MASKED_LOGIT)
+        e = torch.exp2(y, out=e_buf[:numel].view(size))
+        total = e.sum(dim=2)
+        entropy[:, r0:r1] = (total.log2() - e.mul_(y).sum(dim=2) / total) * _LN2
+    return entropy
+
+
+def _similarity_entropy_autograd(z: torch.Tensor, tau: float) -> torch.Tensor:
+    """Differentiable (and memory-hungrier) version, used only when the keys need a gradient."""
+    x = torch.bmm(z * (1.0 / tau), z.transpose(1, 2))
     # A very negative finite value rather than -inf: its probability underflows to exactly 0 and
     # 0 * value stays 0 (0 * -inf would be NaN).
-    x.diagonal(dim1=1, dim2=2).fill_(torch.finfo(x.dtype).min)
-    # Entropy of q = softmax(x) without a log pass over the N x N matrix:
+    eye = torch.eye(x.shape[-1], dtype=torch.bool, device=x.device)
+    x = x.masked_fill(eye, torch.finfo(x.dtype).min)
     # log q_j = x_j - log Z for every j, so log Z = max(x) - log(max q) and H = log Z - <q, x>.
     q = torch.softmax(x, dim=-1)
     log_total = x.amax(dim=-1) - q.amax(dim=-1).log()
-    # In place when possible: no third N x N buffer (keys never need a gradient in this project,
-    # but stay correct if they do).
-    q_x = q * x if q.requires_grad else q.mul_(x)
-    entropy = log_total - q_x.sum(dim=-1)
-    max_entropy = math.log(n - 1) if n > 2 else 1.0  # n == 2: one candidate, entropy 0
-    return 1.0 - entropy.clamp_min(0.0) / max_entropy
+    return log_total - (q * x).sum(dim=-1)
 
 
 def text_relevance(
@@ -134,8 +241,8 @@ class HybridScorer(nn.Module):
 
         queries [S, B, h, d], keys [S, B, h, L, d] (any float dtype).
         Returns ``scores`` [B, N] (float32, fused), ``attention`` [B, N] (gate-weighted CLS
-        attention distribution over patches) and ``mean_keys`` [B, N, d] (head-averaged patch
-        keys of the first scoring layer, used for merging).
+        attention distribution over patches) and ``unit_keys`` [B, N, d] (the head-averaged
+        patch keys of the first scoring layer, L2-normalized: what the merge clusters).
         """
         cfg = self.config
         num_layers, batch = queries.shape[:2]
@@ -143,9 +250,10 @@ class HybridScorer(nn.Module):
         keys = keys.float().flatten(0, 1)  # [S*B, h, L, d]
 
         attn = patch_attention(queries, keys)  # [S*B, N]
-        mean_keys = keys[:, :, 1:].mean(dim=1)  # [S*B, N, d]
+        # Head-averaged patch keys; the hybrid terms need every layer's, the rest the first layer's.
+        mean_keys = (keys if cfg.hybrid_scoring else keys[:batch])[:, :, 1:].mean(dim=1)  # [S*B or B, N, d]
+        unit_keys = F.normalize(mean_keys, dim=-1, eps=UNIT_EPS)
         if cfg.hybrid_scoring:
-            unit_keys = F.normalize(mean_keys, dim=-1, eps=UNIT_EPS)
             alphas = self.alphas.float()
             layer_scores = (
                 alphas[0] * zscore(attn)
@@ -164,12 +272,11 @@ class HybridScorer(nn.Module):
             scores = (gates * zscore(layer_scores)).sum(dim=0)
             attention = (gates * attn).sum(dim=0)
 
-        primary_keys = mean_keys[:batch]
         if cfg.cross_beta > 0:
             proj = self.text_proj
             text_feats = F.linear(text_embeds.float(), proj.weight.float(), proj.bias.float())
             if text_mask is None:
                 text_mask = torch.ones(text_feats.shape[:2], dtype=torch.bool, device=text_feats.device)
-            relevance = text_relevance(text_feats, text_mask, primary_keys)
+            relevance = text_relevance(text_feats, text_mask, mean_keys[:batch])
             scores = scores + cfg.cross_beta * zscore(relevance)
-        return scores, attention, primary_keys
+        return scores, attention, unit_keys[:batch]
