@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse import lazy_instance
+from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -77,6 +77,8 @@ def find_last_checkpoint(trainer: L.Trainer, module: L.LightningModule | None = 
 
 
 def main(args=None) -> SparseZipCLI:
+    # The compressor's options are documented by attribute docstrings (config.py).
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return SparseZipCLI(
         SparseZipModule,
         L.LightningDataModule,

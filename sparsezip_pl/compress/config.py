@@ -21,8 +21,11 @@ class Alphas:
     """Initial weights of the three hybrid-score terms (trainable parameters)."""
 
     attn: float = 1.0
+    """Weight of the z-scored CLS-to-patch attention."""
     entropy: float = 0.4
+    """Weight of the z-scored entropy of each patch's key channels."""
     mutual: float = 0.6
+    """Weight of the z-scored mutual-information proxy (high for patches unlike the others)."""
 
 
 @dataclass
@@ -36,9 +39,13 @@ class DynKConfig:
     """
 
     rule: DynamicKRule = "attention_entropy"
+    """``seed`` (barely varies: the fused score is a sum of z-scores) or ``attention_entropy``."""
     c: float | None = None
+    """Initial offset of K (trainable); None: 8 for ``seed``, 0 for ``attention_entropy``."""
     eps: float = 1.0e-6
+    """``seed`` rule: added to the score variance before the log."""
     scale: float = 0.5
+    """``attention_entropy`` rule: K per effective attended patch."""
 
 
 @dataclass
@@ -46,47 +53,62 @@ class MergingConfig:
     """How the leftover (non-dominant) patches become contextual tokens."""
 
     contextual_num: int = 16
+    """Contextual tokens per image at most (empty clusters emit none)."""
     kmeans_init_factor: float = 2.0
+    """With ``agglomerative``: k-means starts from ceil(factor * contextual_num) centroids."""
     kmeans_iters: int = 10
+    """Weighted Lloyd iterations after the seeded k-means++ initialisation."""
     agglomerative: bool = True
-    # Ablation switch: False replaces k-means/agglomerative/score-weighting by VisionZip's
-    # uniform anchors + argmax assignment + anchor-plus-mean merge.
+    """Merge the most similar centroids pairwise down to ``contextual_num``."""
     hierarchical: bool = True
+    """Ablation switch: False merges the VisionZip way (uniform anchors, argmax, anchor + mean)."""
 
 
 @dataclass
 class SparseZipConfig:
     """Everything that defines one compression method.
 
-    ``method``: ``none`` (all patches, the stock model), ``visionzip`` (VisionZip's published
-    algorithm with ``dominant`` and ``merging.contextual_num``), or ``sparsezip``.
-    ``layers``: vision encoder layers used for scoring, indexed like ``hidden_states`` /
-    LLaVA's ``mm_vision_select_layer`` (-2 = the second-to-last encoder layer).
     Ablations of SparseZip: ``hybrid_scoring=False`` scores by CLS attention alone,
-    ``dynamic_k=False`` keeps a fixed ``dominant`` tokens (CLS included), ``merging.hierarchical=False``
-    merges leftovers the VisionZip way.
+    ``dynamic_k=False`` keeps a fixed ``dominant`` tokens (CLS included),
+    ``merging.hierarchical=False`` merges leftovers the VisionZip way.
     """
 
     method: Method = "sparsezip"
+    """``none`` (all patches: the stock model), ``visionzip`` (VisionZip's published algorithm
+    with ``dominant`` and ``merging.contextual_num``) or ``sparsezip``."""
     layers: list[int] = field(default_factory=lambda: [-2])
+    """Vision layers scored, indexed like ``hidden_states`` / LLaVA's ``mm_vision_select_layer``
+    (-2 = the second-to-last encoder layer); several are fused by learned gates."""
     dynamic_k: bool = True
+    """Choose K per image by ``dynk``; False keeps a fixed ``dominant``."""
     dominant: int = 54
     """Dominant tokens of ``visionzip`` and of ``sparsezip`` with ``dynamic_k=False``, counted as
     VisionZip counts them: CLS included, so ``dominant - 1`` patches are kept (VisionZip's
     ``visionzip(model, dominant=54, contextual=10)`` yields 54 + 10 = 64 visual tokens). >= 1."""
     k_min: int = 8
+    """Dynamic K: fewest dominant patches per image (clamped to the number of patches)."""
     k_max: int = 64
+    """Dynamic K: most dominant patches per image (clamped to the number of patches)."""
     dynk: DynKConfig = field(default_factory=DynKConfig)
+    """The dynamic-K rule."""
     alphas: Alphas = field(default_factory=Alphas)
+    """Initial weights of the hybrid score's terms."""
     hybrid_scoring: bool = True
+    """Score by attention + entropy + mutual information; False: CLS attention alone."""
     tau_feat: float = 0.2
+    """Softmax temperature over key channels (entropy term)."""
     tau_sim: float = 0.1
+    """Softmax temperature over patch similarities (mutual-information term)."""
     cross_beta: float = 0.0
+    """Weight of the text-relevance term (question embeddings through a trainable projection); 0 = off."""
     merging: MergingConfig = field(default_factory=MergingConfig)
-    # Training-only temperatures: straight-through top-K sigmoid and contextual weights.
+    """How leftover patches become contextual tokens."""
     select_tau: float = 0.1
+    """Training only: temperature of the straight-through top-K sigmoid."""
     weight_tau: float = 1.0
+    """Temperature of the score softmax that weights members of a contextual token."""
     seed: int = 0
+    """Seed of the k-means++ initialisation (same input and seed, same output)."""
 
 
 @dataclass

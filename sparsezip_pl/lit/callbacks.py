@@ -213,7 +213,12 @@ def draw_kept_tokens(pixel_values: torch.Tensor, kept_indices: torch.Tensor, clu
 
 
 class KeptTokensPictures(L.Callback):
-    """Logs pictures of the kept patches and contextual clusters of the first images of a run."""
+    """Logs pictures of the kept patches and contextual clusters of the first images of a run.
+
+    Args:
+        num_images: pictures per logged batch.
+        every_n_train_steps: during ``fit``, log pictures every this many steps.
+    """
 
     def __init__(self, num_images: int = 4, every_n_train_steps: int = 100) -> None:
         self.num_images = num_images
