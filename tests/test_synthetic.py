@@ -1,0 +1,153 @@
+"""The synthetic world: deterministic, truthful, and written in the official MME / POPE / LLaVA layouts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparsezip_pl.data import synthetic as S
+
+SMALL = dict(n_mme_images=3, n_pope_images=4, n_instruct=3)
+
+
+def _digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return S.generate_world(root, seed=0, **SMALL)
+
+
+def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
+    again = S.generate_world(tmp_path / "again", seed=0, **SMALL)
+    other = S.generate_world(tmp_path / "other", seed=5, **SMALL)
+    a, b, c = _digest(Path(world["root"])), _digest(Path(again["root"])), _digest(Path(other["root"]))
+    assert a == b
+    assert a.keys() == c.keys()
+    images = [k for k in a if k.endswith(".jpg")]
+    assert all(a[k] != c[k] for k in images)
+
+
+def test_mme_layout(world):
+    root = Path(world["mme_root"])
+    assert root.name == "MME_Benchmark_release_version"
+    assert sorted(p.name for p in root.iterdir()) == sorted(S.MME_FAMILIES)
+    for fam in S.MME_FAMILIES:
+        txts = sorted((root / fam).glob("*.txt"))
+        assert len(txts) == SMALL["n_mme_images"]
+        for txt in txts:
+            img = Image.open(txt.with_suffix(".jpg"))
+            assert img.format == "JPEG" and img.mode == "RGB" and img.size == (336, 336)
+            lines = txt.read_text().splitlines()
+            assert len(lines) == 2
+            rows = [line.split("\t") for line in lines]
+            assert all(len(r) == 2 for r in rows)
+            assert sorted(a for _, a in rows) == ["No", "Yes"]  # a pair: one yes, one no
+            assert all(q.endswith(" Please answer yes or no.") for q, _ in rows)
+
+
+def test_pope_layout_and_negative_rules(world):
+    stats = json.loads(Path(world["world_json"]).read_text())["statistics"]
+    positives = {}
+    for split in S.POPE_SPLITS:
+        path = Path(world["pope_files"][split])
+        assert path.name == f"coco_pope_{split}.json"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["question_id"] for r in recs] == list(range(1, len(recs) + 1))
+        by_image: dict = {}
+        for r in recs:
+            assert set(r) == {"question_id", "image", "text", "label"}
+            assert re.fullmatch(r"COCO_val2014_\d{12}\.jpg", r["image"])
+            assert (Path(world["pope_image_folder"]) / r["image"]).is_file()
+            m = re.fullmatch(r"Is there an? (\w+) in the image\?", r["text"])
+            assert m and m.group(1) in S.SHAPES and r["label"] in ("yes", "no")
+            by_image.setdefault(r["image"], []).append((m.group(1), r["label"]))
+        for image, probes in by_image.items():
+            yes = [s for s, lab in probes if lab == "yes"]
+            no = [s for s, lab in probes if lab == "no"]
+            assert len(yes) == len(no) >= 2 and not set(yes) & set(no)
+            positives.setdefault(image, []).append(sorted(yes))
+            if split == "popular":  # the most frequent shapes among the absent ones
+                absent_rank = [s for s in sorted(S.SHAPES, key=lambda s: -stats["frequency"][s])]
+                assert all(absent_rank.index(s) <= absent_rank.index(t)
+                           for s in no for t in absent_rank if t not in no and t not in yes)
+    assert all(len({tuple(p) for p in v}) == 1 for v in positives.values())  # same positives per split
+
+
+def test_instruction_layout(world):
+    recs = json.loads(Path(world["instruct_json"]).read_text())
+    assert isinstance(recs, list) and len(recs) == SMALL["n_instruct"]
+    for r in recs:
+        assert set(r) == {"id", "image", "conversations"}
+        assert (Path(world["instruct_image_folder"]) / r["image"]).is_file()
+        conv = r["conversations"]
+        assert len(conv) >= 4 and len(conv) % 2 == 0
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert conv[0]["value"].startswith("<image>\n")
+        assert all("<image>" not in t["value"] for t in conv[1:])
+
+
+def test_questions_are_true_to_the_scene():
+    for i in range(200):
+        rng = S.rng_for(3, "extra", i)
+        scene = S.sample_scene(rng)
+        for fam in S.MME_FAMILIES:
+            pair = S.yes_no_pair(scene, fam, rng)
+            if pair is None:
+                continue
+            for q, truth in zip(pair, (True, False)):
+                if fam == "existence":
+                    shape = re.search(r"an? (\w+) in", q).group(1)
+                    assert (scene.count(shape) > 0) == truth
+                elif fam == "count":
+                    m = re.search(r"exactly (\w+) (\w+) in", q)
+                    n = {v: k for k, v in S.NUMBER_WORDS.items()}[m.group(1)]
+                    shape = m.group(2) if n == 1 else {v: k for k, v in S.PLURALS.items()}[m.group(2)]
+                    assert (scene.count(shape) == n) == truth
+                elif fam == "color":
+                    color, shape = re.search(r"an? (\w+) (\w+) in", q).groups()
+                    assert any(o.shape == shape and o.color == color for o in scene.objects) == truth
+                else:
+                    shape = re.search(r"the (\w+) (on|in)", q).group(1)
+                    o = next(o for o in scene.objects if o.shape == shape)
+                    side = ("left" if "left" in q else "right" if "right" in q else
+                            "top" if "upper" in q else "bottom")
+                    actual = {"left": o.cx < 168, "right": o.cx > 168, "top": o.cy < 168, "bottom": o.cy > 168}
+                    assert actual[side] == truth
+
+
+def test_world_has_small_objects_clutter_and_cooccurrence():
+    arr, labels = S.render(S.sample_scene(S.rng_for(0, "extra", 0)), with_labels=True)
+    assert arr.shape == (336, 336, 3) and arr.dtype == np.uint8
+    patches = []
+    for i in range(60):
+        scene = S.sample_scene(S.rng_for(0, "extra", i))
+        _, lab = S.render(scene, with_labels=True)
+        patches += [int((lab["shape"] > 0).sum()) / max(len(scene.objects), 1)]
+    sizes = [o.size for i in range(60) for o in S.sample_scene(S.rng_for(0, "extra", i)).objects]
+    assert min(sizes) < 30 and sum(s < 38 for s in sizes) / len(sizes) > 0.25  # a few patches only
+    # background is not flat: clutter everywhere, even where there is no object
+    bg = arr[labels["shape"].repeat(14, 0).repeat(14, 1) == 0]
+    assert bg.std(0).mean() > 8
+    stats = S.world_statistics(0, 600)
+    c = stats["cooccurrence"]
+    same = np.mean([c[a][b] for t in S.THEMES for a in t for b in t if a != b])
+    cross = np.mean([c[a][b] for a in S.SHAPES for b in S.SHAPES
+                     if a != b and not any(a in t and b in t for t in S.THEMES)])
+    assert same > 2 * cross
+
+
+def test_cli(tmp_path, capsys):
+    S.main(["--out", str(tmp_path / "w"), "--seed", "2", "--n-mme-images", "1", "--n-pope-images", "2",
+            "--n-instruct", "1"])
+    paths = json.loads(capsys.readouterr().out)
+    assert Path(paths["pope_files"]["adversarial"]).is_file()
