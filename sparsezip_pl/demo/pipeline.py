@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.quick:
         fit_args += ["--trainer.max_steps=2", "--trainer.max_time=null"]
     else:
-        fit_args += [f"--trainer.max_time={{minutes: {args.fit_minutes}}}"]
+        seconds = round(args.fit_minutes * 60)
+        fit_args += [f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
     run(fit_args, out / f"{fit_version}.log")
     checkpoint = out / "demo" / fit_version / "checkpoints" / "last.ckpt"
 

@@ -1,0 +1,29 @@
+"""The demo's short version runs end to end on the shipped tiny LLaVA (what `make demo` runs, at CI size)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparsezip_pl.demo.pipeline import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REPO / "checkpoints/tiny-llava-synth/model.safetensors").exists(), reason="checkpoint not shipped")
+def test_quick_demo_reports_every_method(tmp_path):
+    rows = main(["--quick", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["none (all 576)", "visionzip 54+10", "sparsezip default", "sparsezip tuned"]
+    tokens = {r["method"]: r["tokens"] for r in rows}
+    assert tokens["none (all 576)"] == 576
+    assert tokens["visionzip 54+10"] == 64
+    assert 8 < tokens["sparsezip default"] <= 1 + 64 + 16
+    for row in rows:
+        assert 0 <= row["mme/total"] <= 800 and 0 <= row["pope/f1"] <= 100
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert report.count("\n| ") == 1 + len(rows)  # header + one line per method
+    saved = json.loads(next(tmp_path.glob("*-results.json")).read_text())
+    assert saved == rows
+    checkpoint = next(tmp_path.glob("demo/*-fit/checkpoints/last.ckpt"))
+    assert checkpoint.stat().st_size < 1_000_000  # only the compressor is saved, not the LLaVA
