@@ -93,6 +93,16 @@ class _DedupMetric(Metric):
         for name, values in columns.items():
             getattr(self, name).append(torch.tensor(values, dtype=torch.long, device=self.device))
 
+    def prepare_empty_sync(self) -> None:
+        """Before a distributed ``compute()`` on a process that saw no sample: typed empty states.
+
+        torchmetrics stands in a float32 empty tensor for an empty list state; concatenated with
+        other processes' int64 sample hashes it would turn them into floats and break the
+        de-duplication by sample id.
+        """
+        for name in self._defaults:
+            setattr(self, name, [torch.zeros(0, dtype=torch.long, device=self.device)])
+
     def _gathered(self) -> dict[str, Tensor]:
         """The de-duplicated columns, as long tensors on the metric's device."""
         keys = _cat(self.sample_key)

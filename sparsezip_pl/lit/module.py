@@ -328,7 +328,7 @@ class SparseZipModule(L.LightningModule):
                 # compute() is collective: every process calls it when any process saw the task.
                 seen = self.trainer.strategy.reduce_boolean_decision(seen, all=False)
                 if seen and not metric.update_called:
-                    _typed_empty_states(metric)
+                    metric.prepare_empty_sync()
             if seen:
                 results.update({f"{stage}/{name}/{k}": float(v) for k, v in metric.compute().items()})
             metric.reset()
@@ -381,17 +381,6 @@ class SparseZipModule(L.LightningModule):
         for key, value in current.items():
             if not key.startswith(_COMPRESSOR_PREFIX):
                 state.setdefault(key, value)
-
-
-def _typed_empty_states(metric) -> None:
-    """Give a metric that saw no sample empty *long* ``cat`` states before a distributed compute.
-
-    torchmetrics stands in a float32 empty tensor for an empty list state; concatenated with
-    other processes' int64 sample hashes it would turn them into floats and break the
-    de-duplication by sample id.
-    """
-    for name in metric._defaults:
-        setattr(metric, name, [torch.zeros(0, dtype=torch.long, device=metric.device)])
 
 
 def _rng_states() -> dict[str, Any]:
