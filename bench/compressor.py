@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--tower-repeats", type=int, default=2)
     parser.add_argument("--no-tower", action="store_true", help="skip the CLIP tower forward")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="also time the default under torch.compile (inductor)")
     parser.add_argument("--keep-freed-memory", action="store_true", help="glibc mallopt: keep freed memory (see above)")
     args = parser.parse_args()
     if args.threads:
@@ -160,9 +161,18 @@ def main() -> None:
         for layers in (1, 3)
     }
 
+    variants = [(name, config, False) for name, config in methods().items()]
+    if args.compile:
+        variants.append(("sparsezip (default, torch.compile)", SparseZipConfig(), True))
     rows = []
-    for name, config in methods().items():
+    for name, config, compiled in variants:
         comp = SparseZipCompressor(config, HEADS, HEAD_DIM, check_inputs=False).eval()
+        if compiled:
+            started = time.perf_counter()
+            comp = torch.compile(comp)
+            with torch.no_grad():
+                comp(captures[1])
+            print(f"torch.compile (inductor) of the default: {time.perf_counter() - started:.0f} s to compile")
         capture = captures[len(config.layers)]
         with torch.no_grad():
             out = comp(capture)
