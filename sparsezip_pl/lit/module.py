@@ -295,24 +295,11 @@ class SparseZipModule(L.LightningModule):
         return {"records": records, "new_records": new_records, "compression": compression}
 
     def update_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Feed answered records into the MME / POPE metrics (records from any source)."""
-        mme = [r for r in records if r["task"] == "mme"]
-        pope = [r for r in records if r["task"] == "pope"]
-        if mme:
-            self.mme.update(
-                sample_ids=[r["sample_id"] for r in mme],
-                pair_ids=[r["pair_id"] for r in mme],
-                categories=[r["category"] for r in mme],
-                predictions=[r["parsed"] for r in mme],
-                targets=[r["answer"] for r in mme],
-            )
-        if pope:
-            self.pope.update(
-                sample_ids=[r["sample_id"] for r in pope],
-                categories=[r["category"] for r in pope],
-                predictions=[r["parsed"] for r in pope],
-                targets=[r["answer"] for r in pope],
-            )
+        """Feed answered records (sample fields + ``prediction``) into the MME / POPE metrics;
+        each metric keeps its own task's records and parses the raw answers itself."""
+        predictions = [r["prediction"] for r in records]
+        self.mme.update_from_samples(records, predictions)
+        self.pope.update_from_samples(records, predictions)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
