@@ -130,8 +130,9 @@ def shared_prefix_hidden(model, prefix_emb, row_emb, row_pos, row_seg, prefix_po
     prefix_emb [B, P, D]; row_emb [B, R, C, D]; row_pos [B, R, C] absolute positions;
     row_seg [B, R, C] item number inside the row (0 = padding); prefix_pos [B, P] positions of
     the prefix tokens (default 0..P-1; a subset of the image tokens keeps its own). Returns [B, R, C, D].
-    ``capture`` (a dict) receives the last layer's row queries [B, H, R*C, hd] and prefix keys
-    [B, H, P, hd] (for a grounding loss on where the answer looks).
+    ``capture`` (a dict) receives the last layer's row queries [B, H, R*C, hd], prefix keys
+    [B, H, P, hd], normalized row and prefix inputs [B, R*C, D], [B, P, D] the heads' outputs [B, H, R*C, hd] and the normalized rows after attention (for losses on where the answer looks and
+    on what it knows of the question).
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -169,11 +170,14 @@ def shared_prefix_hidden(model, prefix_emb, row_emb, row_pos, row_seg, prefix_po
             _, kp = apply_rotary_pos_emb(kp, kp, cos_p, sin_p)
             hp_next = None
         if capture is not None and li == len(lm.layers) - 1:
-            capture.update(q=qr, k=kp, scale=attn.scaling)
+            capture.update(q=qr, k=kp, scale=attn.scaling, x=xr, prefix_x=xp)
         o = F.scaled_dot_product_attention(qr, torch.cat([kp, kr], 2), torch.cat([vp, vr], 2),
                                            attn_mask=mask, scale=attn.scaling)
         hr = hr + attn.o_proj(o.transpose(1, 2).reshape(B, R * C, D))
-        hr = hr + layer.mlp(layer.post_attention_layernorm(hr))
+        post = layer.post_attention_layernorm(hr)
+        if capture is not None and li == len(lm.layers) - 1:
+            capture.update(post_attention=post, head_out=o)
+        hr = hr + layer.mlp(post)
         hp = hp_next
     return lm.norm(hr).reshape(B, R, C, D)
 

@@ -90,6 +90,25 @@ def parse_args(argv=None):
     p.add_argument("--p-caption", type=float, default=0.0, help="share of images that also get a caption item")
     p.add_argument("--grounding-weight", type=float, default=0.0,
                    help="weight of the grounding loss: the answer position's last-layer head 0 attends to the asked shape")
+    p.add_argument("--count-grounding-weight", type=float, default=0.0,
+                   help="weight of the counting loss: last-layer head 1 at a yes/no answer puts 0.2 of its "
+                        "attention on the centre patch of each instance of the asked shape, the rest on the text prefix")
+    p.add_argument("--route-weight", type=float, default=0.0,
+                   help="weight of the routing loss: linear probes on the last LLM layer's input at a yes/no answer "
+                        "must read the asked shape, colour, side and number (so the question reaches the answer)")
+    p.add_argument("--readout-weight", type=float, default=0.0,
+                   help="weight of the readout loss: linear probes on the last layer's attention output at a yes/no "
+                        "answer must read the asked shape's colours, side and count off the image")
+    p.add_argument("--keep-weight", type=float, default=0.0,
+                   help="weight of the feature-keeping loss: linear probes on the last LLM layer's visual-token "
+                        "inputs must read each patch's shape, colour, row, column and object centre")
+    p.add_argument("--ground-shape-only", type=int, default=0,
+                   help="grounding targets for colour and position questions: the asked shape's patches (the "
+                        "attribute is then compared after attention) instead of only the matching ones")
+    p.add_argument("--family-weights", default="",
+                   help="loss weight of the first answer token per family, e.g. 'count=3,color=3,position=3'")
+    p.add_argument("--grow-lm-layers", type=int, default=0,
+                   help="with --init-from: insert this many identity-initialized LLM layers before the last one")
     p.add_argument("--p-listing", type=float, default=0.0,
                    help="share of images that also get a 'Which shapes/colors are there?' item")
     p.add_argument("--pairs-per-family", type=int, default=2, help="yes/no pairs per family per image")
@@ -143,6 +162,28 @@ def init_position_embeddings(model, scale: float = 0.5) -> None:
     with torch.no_grad():
         emb[1:, : 4 * q] = scale * torch.cat(parts, 1)
         emb[0].zero_()
+
+
+def grown_state(model, state: dict, n_new: int) -> dict:
+    """``state`` of a model with ``n_new`` fewer LLM layers, mapped onto ``model``: the old last
+    layer stays last, the new layers sit just before it and start as the identity (their attention
+    output and MLP down projections are zero), so the grown model computes what the old one did."""
+    prefix = "model.language_model.layers."
+    n = model.config.text_config.num_hidden_layers
+    old_n = n - n_new
+    out = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    fresh = model.state_dict()
+    for k, v in state.items():
+        if k.startswith(prefix):
+            i, rest = k[len(prefix):].split(".", 1)
+            j = int(i) if int(i) < old_n - 1 else n - 1
+            out[f"{prefix}{j}.{rest}"] = v
+    for j in range(old_n - 1, n - 1):
+        for k, v in fresh.items():
+            if k.startswith(f"{prefix}{j}."):
+                zero = k.endswith("self_attn.o_proj.weight") or k.endswith("mlp.down_proj.weight")
+                out[k] = torch.zeros_like(v) if zero else v.clone()
+    return out
 
 
 def param_counts(model) -> dict:
@@ -402,13 +443,19 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
     patch an object touches plus random background patches, ``max(n_keep, most object patches)``
     in all, in their original order.
     """
-    imgs, per_image, fams, objects, shape_maps = [], [], [], [], []
+    imgs, per_image, fams, objects, shape_maps, centres, asked, attributes, readouts, centre_maps = ([] for _ in range(10))
     for i in range(start, start + n):
         rng = S.rng_for(seed, purpose, 1_000_000 + i)
         scene, items = training_items(rng, args, stats)
         arr, labels = S.render(scene, with_labels=True)
         objects.append(np.flatnonzero(labels["shape"].reshape(-1) > 0))
         shape_maps.append(labels["shape"].reshape(-1) * 16 + labels["color"].reshape(-1))
+        centre_maps.append(labels["center"].reshape(-1))
+        asked.append([_question_shape(turns[0][0]) for turns, _ in items])
+        attributes.append([question_attributes(turns[0][0]) for turns, _ in items])
+        readouts.append([readout_labels(_question_shape(turns[0][0]), scene.objects) for turns, _ in items])
+        centres.append([(o.shape, min(int(o.cy // S.PATCH), S.GRID - 1) * S.GRID + min(int(o.cx // S.PATCH), S.GRID - 1))
+                        for o in scene.objects])
         imgs.append(S.jpeg_roundtrip(arr))
         per_image.append([tz.item(turns) for turns, _ in items])
         fams.append([(fam, turns[0][1] if fam not in ("conversation", "caption", "listing") else None,
@@ -424,11 +471,18 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
             rest = np.setdiff1d(np.arange(576), obj)
             keep.append(np.sort(np.concatenate([obj, g.choice(rest, k - len(obj), replace=False)])))
         keep = torch.from_numpy(np.stack(keep))
-    ground = {"shape_maps": torch.from_numpy(np.stack(shape_maps))}
+    ground = {"shape_maps": torch.from_numpy(np.stack(shape_maps)), "centres": centres,
+              "centre_maps": torch.from_numpy(np.stack(centre_maps)), "asked_shapes": asked,
+              "attributes": attributes, "readout": readouts}
     return px, packed, fams, keep, ground
 
 
 _SIDE_WORDS = {"left side": "left", "right side": "right", "upper part": "top", "lower part": "bottom"}
+
+
+def _question_shape(question: str):
+    """The shape a question names (None for questions that name none)."""
+    return next((s for s in S.SHAPES if f" {s} " in question or f" {S.PLURALS[s]} " in question), None)
 
 
 def _asked_target(question: str, scene):
@@ -452,7 +506,10 @@ def _asked_target(question: str, scene):
     return shape, color
 
 
-def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=None, aux_weight: float = 0.0):
+def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=None, aux_weight: float = 0.0,
+               count_weight: float = 0.0, family_weights: dict | None = None, route=None, route_weight: float = 0.0,
+               parts: dict | None = None, readout_weight: float = 0.0, shape_only: bool = False,
+               keep_weight: float = 0.0):
     ids, pos, seg, labels, answer_at = packed
     with torch.no_grad():
         feats = tower_features(model, px)
@@ -464,17 +521,39 @@ def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=No
     img = model.model.multi_modal_projector(feats)
     embed = model.model.language_model.embed_tokens
     prefix = torch.cat([embed(torch.tensor([tz.prefix])).expand(px.shape[0], -1, -1), img.to(embed.weight.dtype)], 1)
-    capture = {} if aux_weight > 0 else None
+    capture = {} if max(aux_weight, count_weight, route_weight, readout_weight, keep_weight) > 0 else None
     hidden = shared_prefix_hidden(model, prefix, embed(ids), pos, seg, prefix_pos, capture)
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
-    loss = F.cross_entropy(logits, labels[sel])
+    if family_weights:
+        weight = torch.ones(labels.shape)
+        for b, (firsts, fam_list) in enumerate(zip(answer_at, fams)):
+            for rc, (fam, ans, _) in zip(firsts, fam_list):
+                if rc is not None and ans in YES_NO:
+                    weight[b, rc[0], rc[1]] = family_weights.get(fam, 1.0)
+        weight = weight[sel]
+        loss = (F.cross_entropy(logits, labels[sel], reduction="none") * weight).sum() / weight.sum()
+    else:
+        loss = F.cross_entropy(logits, labels[sel])
+    terms = {"lm": loss}
     if aux_weight > 0:
-        loss = loss + aux_weight * grounding_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2])
-    return loss, hidden
+        terms["ground"] = aux_weight * grounding_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2],
+                                                      shape_only)
+    if count_weight > 0:
+        terms["count"] = count_weight * counting_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2])
+    if route_weight > 0:
+        terms["route"] = route_weight * routing_loss(route, capture, packed, fams, ground, ids.shape[2])
+    if readout_weight > 0:
+        terms["readout"] = readout_weight * readout_loss(route, capture, packed, fams, ground, ids.shape[2])
+    if keep_weight > 0:
+        terms["keep"] = keep_weight * keep_loss(route, capture, ground, keep, n_text)
+    if parts is not None:
+        for k, v in terms.items():
+            parts.setdefault(k, []).append(v.item())
+    return sum(terms.values()), hidden
 
 
-def grounding_loss(capture, packed, fams, ground, keep, n_text: int, C: int):
+def grounding_loss(capture, packed, fams, ground, keep, n_text: int, C: int, shape_only: bool = False):
     """Grounding supervision (like training with region annotations): in the last layer, head 0 of
     a yes/no answer position should put its attention over the visual tokens on the patches the
     question asks about (``_asked_target``), or, when nothing matches, on the text prefix (BOS, the
@@ -485,9 +564,11 @@ def grounding_loss(capture, packed, fams, ground, keep, n_text: int, C: int):
         maps = torch.gather(maps, 1, keep)
     terms = []
     for b, (firsts, fam_list) in enumerate(zip(packed[4], fams)):
-        for rc, (fam, ans, asked) in zip(firsts, fam_list):
+        for rc, (fam, ans, asked), shape in zip(firsts, fam_list, ground["asked_shapes"][b]):
             if rc is None or ans not in YES_NO:
                 continue
+            if shape_only and fam in ("color", "position"):  # the shape is always present in these
+                asked = (shape, None)
             s = (q[b, rc[0] * C + rc[1]] @ k[b].T) * scale  # over the prefix (text + visual tokens)
             logp = torch.log_softmax(s, -1)
             if asked is None:  # nothing in the image matches: look at the text prefix (BOS) instead
@@ -500,6 +581,146 @@ def grounding_loss(capture, packed, fams, ground, keep, n_text: int, C: int):
             if bool(target.any()):
                 terms.append(-torch.logsumexp(logp[n_text:][target], 0))
     return torch.stack(terms).mean() if terms else q.sum() * 0.0
+
+
+class RouteHeads(nn.Module):
+    """Temporary linear probes: what a yes/no question asks (shape, colour, side, number), read from
+    the last LLM layer's input at the answer position. Thrown away after training."""
+
+    def __init__(self, width: int, head_dim: int):
+        super().__init__()
+        self.shape = nn.Linear(width, len(S.SHAPES) + 1)
+        self.color = nn.Linear(width, len(S.COLOR_NAMES) + 1)
+        self.side = nn.Linear(width, len(_SIDE_WORDS) + 1)
+        self.number = nn.Linear(width, len(S.NUMBER_WORDS) + 1)
+        # readout: what the image says about the asked shape
+        self.seen_colors = nn.Linear(width, len(S.COLOR_NAMES))
+        self.seen_lr = nn.Linear(width, 3)
+        self.seen_tb = nn.Linear(width, 3)
+        self.seen_count = nn.Linear(width, S.MAX_PER_SHAPE + 1)
+        # the same, straight from the last layer's head 0 (shape) and head 1 (count) outputs
+        self.head_colors = nn.Linear(head_dim, len(S.COLOR_NAMES))
+        self.head_lr = nn.Linear(head_dim, 3)
+        self.head_tb = nn.Linear(head_dim, 3)
+        self.head_count = nn.Linear(head_dim, S.MAX_PER_SHAPE + 1)
+        # keep: what each visual token still says about its patch inside the LLM
+        self.patch_shape = nn.Linear(width, len(S.SHAPES) + 1)
+        self.patch_color = nn.Linear(width, len(S.COLOR_NAMES) + 1)
+        self.patch_row = nn.Linear(width, S.GRID)
+        self.patch_col = nn.Linear(width, S.GRID)
+        self.patch_center = nn.Linear(width, 2)
+
+
+def keep_loss(route: RouteHeads, capture, ground, keep, n_text: int):
+    """Dense probes on the visual tokens entering the last LLM layer (shape, colour, row, column,
+    object centre per patch), so the projector and the first layers keep what the questions need."""
+    x = capture["prefix_x"][:, n_text:].float()
+    maps, centre = ground["shape_maps"], ground["centre_maps"]
+    cells = torch.arange(S.GRID * S.GRID).expand(x.shape[0], -1)
+    if keep is not None:
+        maps, centre, cells = (torch.gather(t, 1, keep) for t in (maps, centre, cells))
+    ce = lambda head, t: F.cross_entropy(head(x).flatten(0, 1), t.flatten())  # noqa: E731
+    return (ce(route.patch_shape, maps // 16) + ce(route.patch_color, maps % 16)
+            + 0.3 * (ce(route.patch_row, cells // S.GRID) + ce(route.patch_col, cells % S.GRID))
+            + F.cross_entropy(route.patch_center(x).flatten(0, 1), centre.flatten(), weight=torch.tensor([1.0, 10.0])))
+
+
+def readout_labels(shape: str | None, objects) -> dict | None:
+    """What the image holds of ``shape``: its colours (multi-hot), the side of its first instance
+    (0 none / 1 left / 2 right, 0 none / 1 top / 2 bottom) and its count."""
+    if shape is None:
+        return None
+    mine = [o for o in objects if o.shape == shape]
+    colors = [0.0] * len(S.COLOR_NAMES)
+    for o in mine:
+        colors[S.COLOR_NAMES.index(o.color)] = 1.0
+    c = S.IMAGE_SIZE / 2
+    lr = 0 if not mine else (1 if mine[0].cx < c else 2)
+    tb = 0 if not mine else (1 if mine[0].cy < c else 2)
+    return {"colors": colors, "lr": lr, "tb": tb, "count": min(len(mine), S.MAX_PER_SHAPE)}
+
+
+def readout_loss(route: RouteHeads, capture, packed, fams, ground, C: int):
+    """The probes' losses at every yes/no answer position naming a shape."""
+    x, heads = capture["post_attention"].float(), capture["head_out"].float()
+    rows, head0, head1, labels = [], [], [], {k: [] for k in ("colors", "lr", "tb", "count")}
+    for b, (firsts, fam_list) in enumerate(zip(packed[4], fams)):
+        for rc, (_, ans, _), lab in zip(firsts, fam_list, ground["readout"][b]):
+            if rc is None or ans not in YES_NO or lab is None:
+                continue
+            rows.append(x[b, rc[0] * C + rc[1]])
+            head0.append(heads[b, 0, rc[0] * C + rc[1]])
+            head1.append(heads[b, 1, rc[0] * C + rc[1]])
+            for k in labels:
+                labels[k].append(lab[k])
+    if not rows:
+        return x.sum() * 0.0
+    y = {k: torch.tensor(v) for k, v in labels.items()}
+    h, h0, h1 = torch.stack(rows), torch.stack(head0), torch.stack(head1)
+    return (F.binary_cross_entropy_with_logits(route.seen_colors(h), y["colors"])
+            + F.cross_entropy(route.seen_lr(h), y["lr"]) + F.cross_entropy(route.seen_tb(h), y["tb"])
+            + F.cross_entropy(route.seen_count(h), y["count"])
+            + F.binary_cross_entropy_with_logits(route.head_colors(h0), y["colors"])
+            + F.cross_entropy(route.head_lr(h0), y["lr"]) + F.cross_entropy(route.head_tb(h0), y["tb"])
+            + F.cross_entropy(route.head_count(h1), y["count"]))
+
+
+def question_attributes(question: str) -> dict:
+    """Class labels of what a question names (0 = names none)."""
+    shape = _question_shape(question)
+    color = next((c for c in S.COLOR_NAMES if f" {c} " in question), None)
+    side = next((v for k, v in _SIDE_WORDS.items() if k in question), None)
+    number = next((n for n, w in S.NUMBER_WORDS.items() if f"exactly {w} " in question), None)
+    return {"shape": 0 if shape is None else S.SHAPES.index(shape) + 1,
+            "color": 0 if color is None else S.COLOR_NAMES.index(color) + 1,
+            "side": 0 if side is None else list(_SIDE_WORDS.values()).index(side) + 1,
+            "number": 0 if number is None else number}
+
+
+def routing_loss(route: RouteHeads, capture, packed, fams, ground, C: int):
+    """Cross-entropy of the probes at every yes/no answer position (summed over the four attributes)."""
+    x = capture["x"].float()
+    rows, labels = [], {k: [] for k in ("shape", "color", "side", "number")}
+    for b, (firsts, fam_list) in enumerate(zip(packed[4], fams)):
+        for rc, (_, ans, _), attrs in zip(firsts, fam_list, ground["attributes"][b]):
+            if rc is None or ans not in YES_NO:
+                continue
+            rows.append(x[b, rc[0] * C + rc[1]])
+            for k in labels:
+                labels[k].append(attrs[k])
+    if not rows:
+        return x.sum() * 0.0
+    h = torch.stack(rows)
+    return sum(F.cross_entropy(getattr(route, k)(h), torch.tensor(v)) for k, v in labels.items())
+
+
+COUNT_SHARE = 0.2  # attention share per counted instance (at most MAX_PER_SHAPE = 3 -> 0.6)
+
+
+def counting_loss(capture, packed, fams, ground, keep, n_text: int, C: int, head: int = 1):
+    """Counting supervision: in the last layer, head ``head`` of a yes/no answer position puts
+    ``COUNT_SHARE`` of its attention on the centre patch of each instance of the asked shape and the
+    rest on the text prefix (the sink), so its output moves linearly with the number of instances.
+    Cross-entropy between that target distribution and the head's attention, averaged."""
+    q, k, scale = capture["q"][:, head].float(), capture["k"][:, head].float(), capture["scale"]
+    terms = []
+    for b, (firsts, fam_list) in enumerate(zip(packed[4], fams)):
+        centres = ground["centres"][b]
+        for rc, (fam, ans, _), shape in zip(firsts, fam_list, ground["asked_shapes"][b]):
+            if rc is None or ans not in YES_NO or shape is None:
+                continue
+            cells = [c for s_, c in centres if s_ == shape]
+            if keep is not None:
+                kept = keep[b].tolist()
+                cells = [kept.index(c) for c in cells if c in kept]
+            logp = torch.log_softmax((q[b, rc[0] * C + rc[1]] @ k[b].T) * scale, -1)
+            sink = torch.logsumexp(logp[:n_text], 0)
+            term = -(1 - COUNT_SHARE * len(cells)) * sink
+            if cells:
+                term = term - COUNT_SHARE * logp[n_text:][torch.tensor(cells)].sum()
+            terms.append(term)
+    return torch.stack(terms).mean() if terms else q.sum() * 0.0
+
 
 
 def curriculum_tokens(step: int, args):
@@ -541,7 +762,13 @@ def quick_eval(model, tz, args, stats, n_images: int = 48) -> dict:
 
 def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | None, vision_time: float):
     model.model.vision_tower.requires_grad_(False)
+    text = model.config.text_config
+    route = RouteHeads(text.hidden_size, text.hidden_size // text.num_attention_heads)
+    if state and state.get("route") is not None:
+        route.load_state_dict(state["route"])
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
+    if max(args.route_weight, args.readout_weight, args.keep_weight) > 0:
+        params += list(route.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -553,10 +780,12 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
         prior = state.get("elapsed", 0.0)
         log(f"language: resumed at step {start}")
     yes_id, no_id = (tz.tok.convert_tokens_to_ids("▁" + w) for w in YES_NO)
+    family_weights = {k: float(v) for k, v in (kv.split("=") for kv in args.family_weights.split(",") if kv)}
     model.train()
     t_start = time.time()
     window: dict = {}
     losses = []
+    parts: dict = {}
     for step in range(start, args.lm_steps):
         for g in opt.param_groups:
             g["lr"] = args.lm_lr * cosine(step, args.lm_steps, args.lm_warmup)
@@ -564,7 +793,9 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
         px, packed, fams, keep, ground = lm_batch(tz, args.seed, step * args.lm_batch, args.lm_batch, args, stats,
                                                   n_keep=n_keep)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            loss, hidden = lm_forward(model, tz, px, packed, keep, fams, ground, args.grounding_weight)
+            loss, hidden = lm_forward(model, tz, px, packed, keep, fams, ground, args.grounding_weight,
+                                      args.count_grounding_weight, family_weights, route, args.route_weight, parts,
+                                      args.readout_weight, bool(args.ground_shape_only), args.keep_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -575,14 +806,15 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
             accs = " ".join(f"{k}={np.mean(v):.2f}" for k, v in sorted(window.items()))
             rate = (time.time() - t_start) / (step + 1 - start)
             log(f"lm step {step + 1:5d} visual tokens {n_keep or 576} loss={np.mean(losses):.4f} "
+                f"({' '.join(f'{k}={np.mean(v):.3f}' for k, v in parts.items())}) "
                 f"lr={opt.param_groups[0]['lr']:.2e} "
                 f"train-acc {accs} ({rate:.2f} s/step)")
-            window, losses = {}, []
+            window, losses, parts = {}, [], {}
         if (step + 1) % args.eval_every == 0 or step == args.lm_steps - 1:
             qe = quick_eval(model, tz, args, stats)
             log("lm held-out first-token acc: " + " ".join(f"{k}={v:.3f}" for k, v in qe.items()))
             save_state(state_path, stage="language", step=step + 1, model=model.state_dict(),
-                       opt=opt.state_dict(), elapsed=prior + time.time() - t_start,
+                       opt=opt.state_dict(), route=route.state_dict(), elapsed=prior + time.time() - t_start,
                        vision_time=vision_time, earlier_attempt=(state or {}).get("earlier_attempt", 0.0))
     return prior + time.time() - t_start
 
@@ -615,10 +847,40 @@ def write_card(out: Path, model, args, info: dict) -> None:
                     f"questions the patches of that shape in that colour / on that side), or, when nothing "
                     f"matches, on the text prefix (BOS, the usual attention sink); the loss is -log of that "
                     f"attention mass, with patch masks from the generator. ")
+        if args.ground_shape_only:
+            caption += ("In this run colour and position questions are grounded on all patches of the asked shape "
+                        "(the attribute is compared after attention, see the readout loss). ")
+    if args.count_grounding_weight > 0:
+        caption += (f"A counting loss (weight {args.count_grounding_weight}): head 1 of the last layer puts "
+                    f"{COUNT_SHARE} of its attention on the centre patch of each instance of the asked shape and the "
+                    f"rest on the text prefix, so its output moves with the number of instances. ")
+    if args.route_weight > 0 or args.readout_weight > 0 or args.keep_weight > 0:
+        caption += ("Linear probes, thrown away after training, add losses that keep the information each step "
+                    "of the answer needs where the next step can read it: ")
+        probes = []
+        if args.keep_weight > 0:
+            probes.append(f"each visual token entering the last LLM layer still tells its patch's shape, colour, row, "
+                          f"column and whether it holds an object centre (weight {args.keep_weight})")
+        if args.route_weight > 0:
+            probes.append(f"the answer position entering the last layer knows the asked shape, colour, side and number "
+                          f"(weight {args.route_weight})")
+        if args.readout_weight > 0:
+            probes.append(f"after the last layer's attention it knows the asked shape's colours, side and count in the "
+                          f"image, and the raw outputs of head 0 (colours, side) and head 1 (count) tell them too "
+                          f"(weight {args.readout_weight})")
+        caption += "; ".join(probes) + ". "
+    if args.family_weights:
+        caption += f"The first answer token's loss is weighted per family ({args.family_weights}). "
+    if args.grow_lm_layers:
+        caption += (f"{args.grow_lm_layers} LLM layers were inserted before the last one, starting as the identity "
+                    f"(zero output projections). ")
+    curriculum = (f"Curriculum: the first {args.curriculum_steps} steps see only {args.curriculum_tokens} of the 576 "
+                  f"visual tokens (every patch an object touches plus random background patches, at their own "
+                  f"positions), the next {args.curriculum_ramp} ramp up to all 576, the rest see all 576."
+                  if args.curriculum_steps > 0 and args.curriculum_tokens < 576 else "All steps see all 576 visual tokens.")
     low = [f"{f} {info['eval']['all'][f]['acc']:.1f}%" for f in E.FAMILIES if info["eval"]["all"][f]["acc"] < 90.0]
     shortfall = ("Every family is at 90% or more with all tokens." if not low else
-                 "Below the 90% target with all tokens: " + ", ".join(low) + ". These answers do not yet read the "
-                 "asked attribute (colour, side, number) off the image; they sit at or near the text-only rate.")
+                 "Below the 90% target with all tokens: " + ", ".join(low) + " (yes/no pairs: chance is 50%).")
     history = ""
     if args.init_from:
         history = (f"""
@@ -679,16 +941,14 @@ Command (run from the repository root, {args.threads} CPU thread{'s' if args.thr
    {info['time']['vision'] / 60:.1f} min.
 2. Language ({args.lm_steps} steps x {args.lm_batch} images, {info['items_per_image']:.1f} items per image on average,
    AdamW lr {args.lm_lr}, {args.lm_warmup} warm-up steps + cosine; tower frozen; projector + LLM trained;
-   loss on assistant tokens only). {caption}Curriculum: the first {args.curriculum_steps} steps see only
-   {args.curriculum_tokens} of the 576 visual tokens (every patch an object touches plus random background
-   patches, at their own positions), the next {args.curriculum_ramp} ramp up to all 576, the rest see all 576.
+   loss on assistant tokens only). {caption}{curriculum}
    An image's questions share its visual prefix (computed once; the questions are packed in rows of
    at most {args.row_tokens} tokens behind it, with a block-causal mask and positions restarting after
    the prefix), which equals separate sequences (checked against the stock forward: max logit
    difference {info['fast_path_err']:.1e}). {info['time']['language'] / 60:.1f} min.
 {history}
 Training time {info['time']['total'] / 60:.1f} min (wall clock, all stages{' and the earlier attempt' if info['time'].get('earlier_attempt') else ''}) on this machine: an AMD EPYC
-with 2 cores shared with other jobs, 1 thread used. Held-out evaluation and saving took
+with 2 cores shared with other jobs (threads per run: `--threads`, default 1). Held-out evaluation and saving took
 {info['time']['eval'] / 60:.1f} min more.
 
 ## Held-out accuracy
@@ -770,6 +1030,8 @@ def main(argv=None) -> None:
     times = {"vision": 0.0, "language": 0.0, "earlier_attempt": 0.0}
     if args.init_from and not state:
         init = torch.load(args.init_from, weights_only=False)
+        if args.grow_lm_layers:
+            init["model"] = grown_state(model, init["model"], args.grow_lm_layers)
         model.load_state_dict(init["model"])
         times["vision"] = init.get("vision_time", 0.0)
         times["earlier_attempt"] = init.get("elapsed", 0.0) + init.get("earlier_attempt", 0.0)

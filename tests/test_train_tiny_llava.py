@@ -1,0 +1,95 @@
+"""Pieces of the tiny model's training script that decide what it learns: growth, labels, losses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsezip_pl.data import synthetic as S
+from sparsezip_pl.demo import train_tiny_llava as T
+from sparsezip_pl.demo.tiny_llava import Tokenized
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava-synth"
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(CKPT)
+
+
+def _small(processor, layers: int):
+    args = T.parse_args(["--vision-width", "32", "--vision-layers", "2", "--lm-width", "48", "--lm-heads", "2",
+                         "--lm-layers", str(layers)])
+    return T.build(args, processor)
+
+
+def test_grown_model_computes_what_the_smaller_one_did(processor):
+    small, big = _small(processor, 2), _small(processor, 4)
+    with torch.no_grad():  # make the old last layer distinguishable from a fresh one
+        for p in small.model.language_model.layers[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    big.load_state_dict(T.grown_state(big, small.state_dict(), 2))
+    grown = big.model.language_model.layers
+    assert torch.equal(grown[3].self_attn.q_proj.weight, small.model.language_model.layers[1].self_attn.q_proj.weight)
+    assert not grown[1].self_attn.o_proj.weight.any() and not grown[2].mlp.down_proj.weight.any()
+    embeds = torch.randn(2, 7, 48)
+    with torch.no_grad():
+        a = small.model.language_model(inputs_embeds=embeds).last_hidden_state
+        b = big.model.language_model(inputs_embeds=embeds).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_question_attributes_name_what_each_family_asks():
+    assert T.question_attributes(S.q_color("star", "blue")) == {
+        "shape": S.SHAPES.index("star") + 1, "color": S.COLOR_NAMES.index("blue") + 1, "side": 0, "number": 0}
+    assert T.question_attributes(S.q_position("cross", "bottom"))["side"] == 4
+    assert T.question_attributes(S.q_position("cross", "left"))["side"] == 1
+    count = T.question_attributes(S.q_count("cross", 3))
+    assert count["shape"] == S.SHAPES.index("cross") + 1 and count["number"] == 3
+    assert T.question_attributes(S.q_count("ring", 1))["number"] == 1
+    assert T.question_attributes("Which shapes are there?") == {"shape": 0, "color": 0, "side": 0, "number": 0}
+
+
+def test_readout_labels_are_true_to_the_scene():
+    scene = S.Scene([S.Obj("circle", "red", 50, 300, 40), S.Obj("circle", "blue", 250, 60, 40),
+                     S.Obj("star", "green", 200, 200, 30)], theme=0)
+    circles = T.readout_labels("circle", scene.objects)
+    assert circles["count"] == 2 and circles["lr"] == 1 and circles["tb"] == 2  # first circle: left, lower
+    assert [S.COLOR_NAMES[i] for i, v in enumerate(circles["colors"]) if v] == ["red", "blue"]
+    assert T.readout_labels("moon", scene.objects) == {"colors": [0.0] * 6, "lr": 0, "tb": 0, "count": 0}
+    assert T.readout_labels(None, scene.objects) is None
+
+
+def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(processor):
+    """Attention on the asked shape's centre patches in proportion to its count beats any other split."""
+    tz = Tokenized(processor)
+    args = T.parse_args(["--p-conversation", "0"])
+    stats = S.world_statistics(0, n=200)
+    _, packed, fams, _, ground = T.lm_batch(tz, args.seed, 0, 1, args, stats)
+    n_text, C = len(tz.prefix), packed[0].shape[2]
+    P = n_text + 576
+    items = [(j, rc) for j, (rc, (_, ans, _), shape) in enumerate(zip(packed[4][0], fams[0], ground["asked_shapes"][0]))
+             if rc is not None and ans in T.YES_NO and shape is not None]
+    assert items
+
+    def loss_with(share: float) -> float:
+        """Attention logits that put ``share`` on each centre patch of the asked shape."""
+        q = torch.zeros(1, 2, packed[0].shape[1] * C, P)
+        k = torch.eye(P)[None, None].expand(1, 2, P, P)
+        for j, rc in items:
+            cells = [c for s, c in ground["centres"][0] if s == ground["asked_shapes"][0][j]]
+            probs = torch.full((P,), 1e-9)
+            probs[:n_text] = (1 - share * len(cells)) / n_text
+            probs[n_text + torch.tensor(cells, dtype=torch.long)] = share
+            q[0, :, rc[0] * C + rc[1]] = probs.log()
+        capture = {"q": q, "k": k, "scale": 1.0}
+        return T.counting_loss(capture, packed, fams, ground, None, n_text, C).item()
+
+    best = loss_with(T.COUNT_SHARE)
+    for other in (0.05, 0.1, 0.25, 0.3):
+        assert loss_with(other) > best
