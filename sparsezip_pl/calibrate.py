@@ -78,18 +78,21 @@ def calibrate_scale(backend: LlavaBackend, config: SparseZipConfig, captures: li
     def at(scale: float) -> torch.Tensor:
         return budgets(backend, dataclasses.replace(config, dynk=dataclasses.replace(config.dynk, scale=scale)), captures)
 
-    low_budget, high_budget = at(low).mean().item(), at(high).mean().item()
+    low_tokens, high_tokens = at(low), at(high)
+    low_budget, high_budget = low_tokens.mean().item(), high_tokens.mean().item()
     if not low_budget <= target <= high_budget:
         raise ValueError(f"target {target} is outside what dynk.scale in [{low}, {high}] reaches "
                          f"({low_budget:.1f} .. {high_budget:.1f}); change k_min / k_max / contextual_num")
     for _ in range(steps):
         middle = (low + high) / 2
-        if at(middle).mean().item() < target:
-            low = middle
+        tokens = at(middle)
+        if tokens.mean().item() < target:
+            low, low_tokens = middle, tokens
         else:
-            high = middle
-    best = min((low, high), key=lambda s: abs(at(s).mean().item() - target))
-    return best, at(best)
+            high, high_tokens = middle, tokens
+    if abs(low_tokens.mean().item() - target) <= abs(high_tokens.mean().item() - target):
+        return low, low_tokens
+    return high, high_tokens
 
 
 def main(argv: list[str] | None = None) -> float:

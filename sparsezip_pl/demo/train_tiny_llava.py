@@ -491,7 +491,7 @@ def _asked_target(question: str, scene):
     Existence / count / POPE: the shape's patches. Colour: the patches of that shape in that colour.
     Position: the (unique) shape's patches if it is on the asked side. None when nothing matches
     (the answer is "No" then, and there is nothing to look at)."""
-    shape = next((s for s in S.SHAPES if f" {s} " in question or f" {S.PLURALS[s]} " in question), None)
+    shape = _question_shape(question)
     if shape is None or scene.count(shape) == 0:
         return None
     color = next((c for c in S.COLOR_NAMES if f" {c} {shape} " in question), None)
