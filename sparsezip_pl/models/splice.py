@@ -5,7 +5,7 @@ One gather builds the whole batch: every output slot holds an index into a flat 
 keep their order, the placeholder expands into exactly the sample's real visual tokens (mask
 True), and rows are left-padded with the zero row (attention 0). Compressor padding slots are
 never indexed, so they never reach the LLM. The index tensors are built with scatters over the
-whole batch; the only host sync is the output length.
+whole batch; the only host sync reads the output length and the placeholder check together.
 """
 
 from __future__ import annotations
@@ -29,21 +29,24 @@ class SplicedInputs:
 
 
 def _placeholder_layout(input_ids, attention_mask, image_token_id, num_visual, has_image):
-    """Slots each input token takes in the output, and validation of one placeholder per image."""
+    """Slots each input token takes in the output, the output length, and a check of one
+    placeholder per image; both come from a single host sync."""
     real = attention_mask.bool()
     is_placeholder = real & (input_ids == image_token_id)
     per_row = is_placeholder.sum(1)
     wrong = (per_row > 1) | (has_image & (per_row == 0))
-    if bool(wrong.any()):
+    keep_text = real & ~is_placeholder
+    num_visual = num_visual * has_image
+    slots = keep_text.long() + is_placeholder.long() * num_visual[:, None]
+    lengths = slots.sum(1)
+    out_len, any_wrong = torch.stack([lengths.max(), wrong.any().long()]).tolist()
+    if any_wrong:
         rows = wrong.nonzero().flatten().tolist()
         raise ValueError(
             f"samples {rows} need exactly one image placeholder (id {image_token_id}) per image; "
             f"found {per_row[rows].tolist()}"
         )
-    keep_text = real & ~is_placeholder
-    num_visual = num_visual * has_image
-    slots = keep_text.long() + is_placeholder.long() * num_visual[:, None]
-    return keep_text, is_placeholder, slots
+    return keep_text, is_placeholder, slots, lengths, out_len
 
 
 def splice_visual_tokens(
@@ -69,11 +72,9 @@ def splice_visual_tokens(
     if has_image is None:
         has_image = torch.ones(batch, dtype=torch.bool, device=device)
     visual_mask = visual_mask.bool()
-    keep_text, is_placeholder, slots = _placeholder_layout(
+    keep_text, is_placeholder, slots, lengths, out_len = _placeholder_layout(
         input_ids, attention_mask, image_token_id, visual_mask.sum(1), has_image.bool()
     )
-    lengths = slots.sum(1)
-    out_len = int(lengths.max())
     # First output slot of every input token, after left padding.
     start = (out_len - lengths)[:, None] + slots.cumsum(1) - slots
 
