@@ -22,7 +22,8 @@ def _one_thread():
 
 
 FIELDS = (
-    "tokens", "mask", "kept_indices", "num_dominant", "num_contextual", "cluster_map", "scores", "expected_tokens"
+    "tokens", "mask", "kept_indices", "num_dominant", "num_contextual", "cluster_map", "scores", "expected_tokens",
+    "positions",
 )
 
 
@@ -39,6 +40,9 @@ def check_output(comp, cap, out):
     # Padding is zero and masked; every real token carries content (inputs are random).
     assert (out.tokens[~out.mask] == 0).all()
     assert (out.tokens[out.mask].float().abs().sum(-1) > 0).all()
+    # Positions: a patch index per real token, 0 on padding.
+    assert out.positions.shape == (b, t_max) and out.positions.dtype == torch.long
+    assert ((out.positions >= 0) & (out.positions < n)).all() and (out.positions[~out.mask] == 0).all()
     if cfg.method == "none":
         return
     slots = t_max - 1 - cfg.merging.contextual_num
@@ -53,6 +57,7 @@ def check_output(comp, cap, out):
     both = valid[:, 1:] & valid[:, :-1]
     assert (kept[:, 1:] > kept[:, :-1])[both].all()  # strictly increasing: spatial order, no repeats
     assert (kept < n).all()
+    assert torch.equal(out.positions[:, 1 : 1 + slots][valid], kept[valid])
     patches = hidden[:, 1:]
     for i in range(b):
         torch.testing.assert_close(out.tokens[i, 1 : 1 + int(out.num_dominant[i])], patches[i, kept[i, valid[i]]])

@@ -72,3 +72,36 @@ def test_left_pack_keeps_order_and_pads_left():
     assert packed.tolist() == [[1, 2, 3], [0, 4, 5]]
     assert attention.tolist() == [[1, 1, 1], [0, 1, 1]]
     assert extras["flag"].tolist() == [[True, False, True], [False, False, True]]
+
+
+def test_original_positions_in_the_splice():
+    input_ids, attention, text, visual, visual_mask, labels, has_image = _inputs()
+    # Offsets of the 6 visual slots inside an image of 10 positions (padding slots: anything).
+    offsets = torch.tensor([[1, 4, 7, 9, 0, 0], [0, 2, 3, 5, 8, 9], [0, 1, 2, 0, 0, 0]])
+    out = splice_visual_tokens(
+        text, input_ids, attention, IMG, visual, visual_mask, has_image, labels,
+        visual_positions=offsets, image_span=10,
+    )
+    # Row 0: [pad x4, t5, t6, v0, v1, v3, t7]; the image starts at position 2 and spans 10.
+    assert out.position_ids[0].tolist() == [0, 0, 0, 0, 0, 1, 2 + 1, 2 + 4, 2 + 9, 12]
+    # Row 1: the image first, all six tokens real; the text continues at 10.
+    assert out.position_ids[1].tolist() == [0, 2, 3, 5, 8, 9, 10, 11, 12, 13]
+    # Row 2: no image, so nothing moves.
+    assert out.position_ids[2].tolist()[-3:] == [0, 1, 2]
+    contiguous = splice_visual_tokens(text, input_ids, attention, IMG, visual, visual_mask, has_image, labels)
+    assert torch.equal(out.inputs_embeds, contiguous.inputs_embeds)
+    assert torch.equal(out.attention_mask, contiguous.attention_mask)
+
+
+def test_original_positions_need_the_image_span():
+    input_ids, attention, text, visual, visual_mask, _, has_image = _inputs()
+    with pytest.raises(ValueError, match="image_span"):
+        splice_visual_tokens(
+            text, input_ids, attention, IMG, visual, visual_mask, has_image,
+            visual_positions=torch.zeros_like(visual_mask, dtype=torch.long),
+        )
+    with pytest.raises(ValueError, match="visual_positions must be"):
+        splice_visual_tokens(
+            text, input_ids, attention, IMG, visual, visual_mask, has_image,
+            visual_positions=torch.zeros(3, 2, dtype=torch.long), image_span=10,
+        )

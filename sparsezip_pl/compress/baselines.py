@@ -25,6 +25,7 @@ def compress_none(hidden: torch.Tensor) -> CompressionOutput:
         cluster_map=torch.full((batch, n), -1, dtype=torch.long, device=device),
         scores=torch.zeros(batch, n, device=device),
         expected_tokens=torch.full((batch,), float(n), device=device),
+        positions=torch.arange(n, device=device).expand(batch, n),
     )
 
 

@@ -9,13 +9,18 @@ import torch.nn as nn
 
 from .baselines import compress_none, compress_visionzip
 from .budget import TokenBudget, select_dominant
-from .config import CompressionOutput, SparseZipConfig, VisionCapture
+from .config import (
+    DYNAMIC_K_RULES,
+    METHODS,
+    VISUAL_POSITIONS,
+    CompressionOutput,
+    SparseZipConfig,
+    VisionCapture,
+)
 from .merge import anchor_plan, hierarchical_plan
 from .output import assemble_output
 from .scoring import HybridScorer
 
-METHODS = ("sparsezip", "visionzip", "none")
-DYNAMIC_K_RULES = ("seed", "attention_entropy")
 
 
 class SparseZipCompressor(nn.Module):
@@ -252,6 +257,8 @@ def _validate_config(config: SparseZipConfig, num_heads: int, head_dim: int, tex
 
     if config.method not in METHODS:
         fail(f"method must be one of {METHODS}, got {config.method!r}")
+    if config.visual_positions not in VISUAL_POSITIONS:
+        fail(f"visual_positions must be one of {VISUAL_POSITIONS}, got {config.visual_positions!r}")
     if not isinstance(num_heads, int) or num_heads <= 0:
         fail(f"num_heads must be a positive int, got {num_heads!r}")
     if not isinstance(head_dim, int) or head_dim <= 0:

@@ -14,6 +14,10 @@ import torch
 
 Method = Literal["sparsezip", "visionzip", "none"]
 DynamicKRule = Literal["seed", "attention_entropy"]
+VisualPositions = Literal["contiguous", "original"]
+METHODS = ("sparsezip", "visionzip", "none")
+DYNAMIC_K_RULES = ("seed", "attention_entropy")
+VISUAL_POSITIONS = ("contiguous", "original")
 
 
 @dataclass
@@ -109,6 +113,12 @@ class SparseZipConfig:
     """Temperature of the score softmax that weights members of a contextual token."""
     seed: int = 0
     """Seed of the k-means++ initialisation (same input and seed, same output)."""
+    visual_positions: VisualPositions = "contiguous"
+    """Position ids the LLM gives the kept tokens. ``contiguous`` (VisionZip's and the usual
+    choice): one after another, so the text after the image moves up. ``original``: each token
+    keeps the position it had in the uncompressed sequence (a contextual token: its members'
+    centroid; see ``CompressionOutput.positions``) and the text keeps its positions too; the
+    sequence is just as short."""
 
 
 @dataclass
@@ -139,6 +149,10 @@ class CompressionOutput:
     cluster_map:    [B, N] long, contextual slot of each leftover patch, -1 for dominant ones.
     scores:         [B, N] float, the fused importance score per patch.
     expected_tokens:[B] float, differentiable expected token count (for a budget penalty).
+    positions:      [B, T_max] long, the patch (0..N-1) each token stands at in the image's grid:
+                    a dominant patch its own, CLS patch 0, a contextual token the patch nearest
+                    the weighted centroid of its members; 0 on padding. Used when the LLM is
+                    given the tokens' original positions (``visual_positions="original"``).
     """
 
     tokens: torch.Tensor
@@ -149,6 +163,7 @@ class CompressionOutput:
     cluster_map: torch.Tensor
     scores: torch.Tensor
     expected_tokens: torch.Tensor
+    positions: torch.Tensor
 
     @property
     def num_tokens(self) -> torch.Tensor:

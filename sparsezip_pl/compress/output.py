@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +74,14 @@ def assemble_output(
 
     cls_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
     mask = torch.cat([cls_mask, used, contextual.mask], dim=1)
+    positions = torch.cat(
+        [
+            torch.zeros(batch, 1, dtype=torch.long, device=device),
+            torch.where(used, safe, 0),
+            contextual_positions(contextual, n),
+        ],
+        dim=1,
+    )
     return CompressionOutput(
         tokens=tokens,
         mask=mask,
@@ -81,4 +91,28 @@ def assemble_output(
         cluster_map=contextual.slot,
         scores=scores,
         expected_tokens=expected_tokens,
+        positions=positions,
     )
+
+
+def contextual_positions(contextual: ContextualPlan, num_patches: int) -> torch.Tensor:
+    """[B, C_ctx] long: for each contextual token, the patch nearest the centroid of its members
+    on the image's grid, weighted by the members' |weight| (row-major index; a grid that is not
+    square is treated as one row). Empty slots get 0."""
+    batch, slots = contextual.mask.shape
+    if slots == 0:
+        return contextual.slot.new_zeros(batch, 0)
+    side = math.isqrt(num_patches)
+    width = side if side * side == num_patches else num_patches
+    index = torch.arange(num_patches, device=contextual.slot.device)
+    coords = torch.stack([index // width, index % width], dim=-1).float()  # [N, 2] row, col
+    in_context = contextual.slot >= 0
+    weight = torch.where(in_context, contextual.weight.float().abs(), 0.0)  # [B, N]
+    target = torch.where(in_context, contextual.slot, 0)
+    sums = weight.new_zeros(batch, slots, 3)
+    values = torch.cat([weight.unsqueeze(-1) * coords, weight.unsqueeze(-1)], dim=-1)  # [B, N, 3]
+    sums.scatter_add_(1, target.unsqueeze(-1).expand(-1, -1, 3), values)
+    centroid = sums[..., :2] / sums[..., 2:].clamp_min(torch.finfo(sums.dtype).tiny)
+    row = centroid[..., 0].round().clamp(0, num_patches // width - 1)
+    col = centroid[..., 1].round().clamp(0, width - 1)
+    return torch.where(contextual.mask, (row * width + col).long(), 0)

@@ -132,6 +132,7 @@ class CompressedLlava(nn.Module):
         if text_embeds is None:
             with torch.no_grad():
                 text_embeds = self.backend.embed_tokens(input_ids)
+        original = self.config.visual_positions == "original"
         return splice_visual_tokens(
             text_embeds,
             input_ids,
@@ -141,6 +142,8 @@ class CompressedLlava(nn.Module):
             compression.mask,
             has_image=None if has_image is None else has_image.to(device),
             labels=None if labels is None else labels.to(device),
+            visual_positions=compression.positions if original else None,
+            image_span=self.backend.num_patches if original else None,
         )
 
     def forward(self, batch: dict[str, Any], method: str | None = None) -> CompressedLlavaOutput:
@@ -168,6 +171,10 @@ class CompressedLlava(nn.Module):
     ) -> tuple[torch.Tensor, CompressionOutput]:
         """Greedy decoding (by default) after the compressed prefill: new ids [B, new] and the compression."""
         spliced, compression = self.prepare_inputs(batch, method)
+        if self.config.visual_positions == "original":
+            # Decoding continues from the last prompt position + 1 (transformers' generate extends
+            # given position ids); the default, from the attention mask, would count real tokens.
+            kwargs.setdefault("position_ids", spliced.position_ids)
         generated = self.backend.generate(
             spliced.inputs_embeds, spliced.attention_mask, max_new_tokens=max_new_tokens, **kwargs
         )

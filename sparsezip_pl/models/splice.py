@@ -58,6 +58,8 @@ def splice_visual_tokens(
     visual_mask: torch.Tensor,
     has_image: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    visual_positions: torch.Tensor | None = None,
+    image_span: int | None = None,
 ) -> SplicedInputs:
     """Replace each sample's single placeholder by its real visual tokens.
 
@@ -65,6 +67,11 @@ def splice_visual_tokens(
     (any padding side), visual_tokens [B, V, D] with visual_mask [B, V] marking real tokens
     (their order is kept), has_image [B] (default: all True). Samples without an image keep
     their text only (a stray placeholder is dropped). Gradients flow into ``visual_tokens``.
+
+    Position ids count the real tokens, unless ``visual_positions`` [B, V] long (offsets in
+    ``0..image_span-1``, e.g. each token's patch index) is given: then each visual token sits at
+    the image's first position plus its offset, and the text after the image continues as if the
+    image had taken all ``image_span`` positions, the positions the uncompressed model saw.
     """
     batch, length, width = text_embeds.shape
     num_slots_visual = visual_tokens.shape[1]
@@ -102,6 +109,10 @@ def splice_visual_tokens(
     attention = (source != zero_row).long()
     position_ids = (attention.cumsum(1) - 1).clamp(min=0) * attention
     visual = (source >= batch * length) & (source != zero_row)
+    if visual_positions is not None:
+        position_ids = _original_positions(
+            position_ids, source, visual, batch * length, visual_positions, visual_mask, image_span
+        )
 
     spliced_labels = None
     if labels is not None:
@@ -110,6 +121,28 @@ def splice_visual_tokens(
         )
         spliced_labels = label_table[source]
     return SplicedInputs(inputs_embeds, attention, position_ids, spliced_labels, visual)
+
+
+def _original_positions(
+    position_ids, source, visual, first_visual_row, visual_positions, visual_mask, image_span
+):
+    """Move visual tokens to ``image start + offset`` and shift the text after them by the
+    positions the dropped tokens would have taken."""
+    if image_span is None:
+        raise ValueError("visual_positions needs image_span (the number of positions the whole image takes)")
+    if visual_positions.shape != visual_mask.shape:
+        raise ValueError(
+            f"visual_positions must be [B, V] = {tuple(visual_mask.shape)}, got {tuple(visual_positions.shape)}"
+        )
+    # The image starts where its first visual slot is; every slot up to and including it is text
+    # before the image, so its contiguous position id is also the image's first position.
+    first = torch.where(visual, position_ids, torch.iinfo(position_ids.dtype).max).min(1).values
+    after = visual.long().cumsum(1).bool() & ~visual  # rows are left-padded: all of it is real text
+    num_visual = visual.sum(1)
+    offsets = visual_positions.reshape(-1).long()
+    visual_offset = offsets[(source - first_visual_row).clamp(0, offsets.numel() - 1)]
+    shifted = torch.where(after, position_ids + (image_span - num_visual)[:, None], position_ids)
+    return torch.where(visual, first[:, None] + visual_offset, shifted)
 
 
 def left_pack(
