@@ -31,6 +31,12 @@ class SparseZipCLI(LightningCLI):
     logger version wrote it (plain Lightning looks only in the new run's version folder, finds
     nothing and silently starts over). Only checkpoints of the same model and compressor settings
     qualify; with none, training starts from scratch (with Lightning's warning).
+
+    With ``--ckpt_path FILE`` the run keeps the model settings it was given (config files and
+    ``--model.*`` options); plain LightningCLI would replace them with the checkpoint's saved
+    hyperparameters, so ``test --ckpt_path X --model.model_path Y`` would quietly ignore Y. Every
+    setting that differs from the checkpoint's is printed as a warning, so a forgotten overlay
+    (say, the one that turned text-aware scoring on) shows up before any number is computed.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -38,6 +44,20 @@ class SparseZipCLI(LightningCLI):
         parser.add_lightning_class_args(KeptTokensPictures, "pictures")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ResultsTable, "results")
+
+    def _parse_ckpt_path(self) -> None:
+        # Overrides LightningCLI's hook that loads the checkpoint's hyperparameters over the config
+        # (tests/test_cli.py checks that a --model option survives --ckpt_path).
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        given = self.config[subcommand].get("model")
+        for key, (ours, theirs) in sorted(settings_differences(given, saved).items()):
+            rank_zero_warn(f"{ckpt_path} was saved with model.{key} = {theirs!r}; this run uses {ours!r}")
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
@@ -53,6 +73,24 @@ _IDENTITY = ("backend", "model_path", "dtype", "compressor")
 
 def _identity(hparams) -> str:
     return json.dumps({k: dict(hparams).get(k) for k in _IDENTITY}, sort_keys=True, default=to_jsonable)
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    value = json.loads(json.dumps(value, default=to_jsonable))
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}{key}."))
+    return {key.rstrip("."): item for key, item in flat.items()}
+
+
+def settings_differences(given, saved) -> dict[str, tuple]:
+    """``{dotted key: (given value, saved value)}`` for the settings both have and that differ
+    (``given``: the run's model namespace; ``saved``: a checkpoint's ``hyper_parameters``)."""
+    given = _flatten(given.as_dict() if hasattr(given, "as_dict") else dict(given or {}))
+    saved = _flatten({k: v for k, v in dict(saved).items() if not k.startswith("_")})
+    return {key: (given[key], saved[key]) for key in given.keys() & saved.keys() if given[key] != saved[key]}
 
 
 def find_last_checkpoint(trainer: L.Trainer, module: L.LightningModule | None = None) -> Path | None:

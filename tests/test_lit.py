@@ -105,6 +105,20 @@ def test_checkpoint_missing_compressor_weights_is_an_error(tmp_path, world, tiny
         SparseZipModule.load_from_checkpoint(tmp_path / "broken.ckpt")
 
 
+def test_ckpt_path_keeps_the_given_settings_and_warns_about_differences(tmp_path, world, tiny_model):
+    """Plain LightningCLI would load the checkpoint's hyperparameters over the given config."""
+    cli = _fit(tmp_path, world, tiny_model, steps=1)
+    checkpoint_path = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
+    config = _config(tmp_path, "test", tiny_model, _eval_data(world))
+    with pytest.warns(UserWarning, match=r"model\.compressor\.visual_positions = 'contiguous'; this run uses 'original'"):
+        tested = main([
+            "test", "--config", config, f"--ckpt_path={checkpoint_path}",
+            "--model.compressor.visual_positions=original", "--model.max_new_tokens=2",
+        ])
+    assert tested.model.model.config.visual_positions == "original"
+    assert tested.model.hparams.max_new_tokens == 2
+
+
 def _mme_reference(records):
     """MME acc / acc+ / score per subtask by FORMATS.md's rules, computed independently."""
 
