@@ -14,16 +14,24 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(not (REPO / "checkpoints/tiny-llava-synth/model.safetensors").exists(), reason="checkpoint not shipped")
 def test_quick_demo_reports_every_method(tmp_path):
     rows = main(["--quick", "--out", str(tmp_path)])
-    assert [r["method"] for r in rows] == ["none (all 576)", "visionzip 54+10", "sparsezip default", "sparsezip tuned"]
+    methods = ["visionzip 54+10", "sparsezip default", "sparsezip tuned"]
+    assert [r["method"] for r in rows] == [
+        "none (all 576)", *methods, *(m + ", original positions" for m in methods)
+    ]
     tokens = {r["method"]: r["tokens"] for r in rows}
     assert tokens["none (all 576)"] == 576
-    assert tokens["visionzip 54+10"] == 64
-    assert 8 < tokens["sparsezip default"] <= 1 + 64 + 16
+    for suffix in ("", ", original positions"):
+        assert tokens["visionzip 54+10" + suffix] == 64
+        assert 8 < tokens["sparsezip default" + suffix] <= 1 + 64 + 16
+    # Where the tokens sit changes no token count, and the untuned rows' budgets are identical.
+    assert tokens["sparsezip default"] == tokens["sparsezip default, original positions"]
     for row in rows:
         assert 0 <= row["mme/total"] <= 800 and 0 <= row["pope/f1"] <= 100
     report = (tmp_path / "RESULTS.md").read_text()
     assert report.count("\n| ") == 1 + len(rows)  # header + one line per method
     saved = json.loads(next(tmp_path.glob("*-results.json")).read_text())
     assert saved == rows
-    checkpoint = next(tmp_path.glob("demo/*-fit/checkpoints/last.ckpt"))
-    assert checkpoint.stat().st_size < 1_000_000  # only the compressor is saved, not the LLaVA
+    checkpoints = sorted(tmp_path.glob("demo/*-fit*/checkpoints/last.ckpt"))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        assert checkpoint.stat().st_size < 1_000_000  # only the compressor is saved, not the LLaVA

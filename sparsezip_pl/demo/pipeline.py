@@ -6,11 +6,13 @@
 Steps, each an ordinary CLI command printed before it runs, so any of them can be rerun by hand:
 
 1. write a held-out synthetic world (MME / POPE / instruction files in their official layouts);
-2. ``test`` the stock model (``none``), ``visionzip`` at 64 tokens and SparseZip's default;
-3. ``fit`` SparseZip's trainable parts (alphas, layer gates, text projection, budget offset) by
-   distillation from the same model fed all 576 tokens, with a budget penalty at 64 tokens;
-4. ``test`` the tuned checkpoint;
-5. print one table from the runs' ``results.json`` files and save it as ``RESULTS.md``.
+2. ``test`` the stock model (``none``);
+3. for each way of placing the kept tokens in the LLM's sequence (``--positions``: one after
+   another, the published methods' way, and/or at their original positions):
+   ``test`` ``visionzip`` at 64 tokens and SparseZip's default; ``fit`` SparseZip's trainable
+   parts (alphas, layer gates, text projection, budget offset) by distillation from the same
+   model fed all 576 tokens, with a budget penalty at 64 tokens; ``test`` the tuned checkpoint;
+4. print one table from the runs' ``results.json`` files and save it as ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ MME_SUBTASKS = ("existence", "count", "color", "position")
 POPE_SPLITS = ("random", "popular", "adversarial")
 
 # (label, CLI arguments that pick the method)
-METHODS = (
-    ("none (all 576)", ["--config", "configs/methods/none.yaml"]),
+STOCK = ("none (all 576)", ["--config", "configs/methods/none.yaml"])
+COMPRESSED = (
     ("visionzip 54+10", ["--config", "configs/methods/visionzip.yaml"]),
     ("sparsezip default", ["--config", "configs/demo/sparsezip.yaml"]),
 )
+TUNED = ("sparsezip tuned", ["--config", "configs/demo/sparsezip.yaml", "--config", "configs/demo/tuned.yaml"])
+# (label suffix, CLI arguments layered on every compressed method's fit and test)
+POSITIONS = {
+    "contiguous": ("", []),
+    "original": (", original positions", ["--config", "configs/demo/original_positions.yaml"]),
+}
 
 
 def run(args: list[str], log: Path) -> None:
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--instruct", type=int, default=600, help="instruction records for tuning")
     parser.add_argument("--fit-minutes", type=float, default=4.0, help="wall-clock budget of the tuning run")
     parser.add_argument("--model-path", default="checkpoints/tiny-llava-synth", help="the LLaVA to run (llava-hf layout)")
+    parser.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
+                        help="how the kept tokens are placed in the LLM's sequence (one pass per choice)")
     parser.add_argument("--quick", action="store_true", help="a few samples and steps (the CI version)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -125,37 +135,40 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     eval_base = ["--config", "configs/demo/eval.yaml", *world_args(world), f"--model.model_path={args.model_path}"]
     rows = []
-    for index, (label, method_args) in enumerate(METHODS):
-        version = f"{stamp}-{index}-test"
+
+    def test(label: str, method_args: list[str]) -> None:
+        version = f"{stamp}-{len(rows)}-test"
         run(["test", *eval_base, *method_args, *logger_args(out, version)], out / f"{version}.log")
         rows.append(results_row(label, json.loads((out / "demo" / version / "results.json").read_text())))
 
-    fit_version = f"{stamp}-fit"
-    fit_args = [
-        "fit", "--config", "configs/demo/eval.yaml", "--config", "configs/demo/sparsezip.yaml",
-        "--config", "configs/demo/tuned.yaml", "--config", "configs/demo/fit.yaml", f"--model.model_path={args.model_path}",
-        f"--data.init_args.train_source={world['instruct_json']}",
-        *logger_args(out, fit_version),
-    ]
-    if args.quick:
-        fit_args += ["--trainer.max_steps=2", "--trainer.max_time=null"]
-    else:
-        seconds = round(args.fit_minutes * 60)
-        fit_args += [f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
-    run(fit_args, out / f"{fit_version}.log")
-    checkpoint = out / "demo" / fit_version / "checkpoints" / "last.ckpt"
-
-    version = f"{stamp}-3-test"
-    run(["test", *eval_base, "--config", "configs/demo/sparsezip.yaml", "--config", "configs/demo/tuned.yaml",
-         f"--ckpt_path={checkpoint}",
-         *logger_args(out, version)], out / f"{version}.log")
-    rows.append(results_row("sparsezip tuned", json.loads((out / "demo" / version / "results.json").read_text())))
+    test(*STOCK)
+    for positions in args.positions:
+        suffix, position_args = POSITIONS[positions]
+        for label, method_args in COMPRESSED:
+            test(label + suffix, [*method_args, *position_args])
+        tuned_label, tuned_args = TUNED
+        fit_version = f"{stamp}-fit" + ("" if positions == "contiguous" else f"-{positions}")
+        fit_args = [
+            "fit", *eval_base[:2], *tuned_args, *position_args, "--config", "configs/demo/fit.yaml",
+            f"--model.model_path={args.model_path}",
+            f"--data.init_args.train_source={world['instruct_json']}",
+            *logger_args(out, fit_version),
+        ]
+        if args.quick:
+            fit_args += ["--trainer.max_steps=2", "--trainer.max_time=null"]
+        else:
+            seconds = round(args.fit_minutes * 60)
+            fit_args += [f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
+        run(fit_args, out / f"{fit_version}.log")
+        checkpoint = out / "demo" / fit_version / "checkpoints" / "last.ckpt"
+        test(tuned_label + suffix, [*tuned_args, *position_args, f"--ckpt_path={checkpoint}"])
 
     table = format_table(rows)
     report = (
         f"Demo run {stamp}: tiny synthetic-world LLaVA (`checkpoints/tiny-llava-synth`), held-out world seed "
         f"{args.seed}, {args.mme_images} images per MME subtask, {args.pope_images} POPE images per split, "
-        f"tuning {'2 steps' if args.quick else f'{args.fit_minutes:g} min'} on {args.instruct} instruction records.\n\n"
+        f"tuning {'2 steps' if args.quick else f'{args.fit_minutes:g} min'} per tuned row on {args.instruct} "
+        "instruction records.\n\n"
         + table + "\n"
     )
     (out / "RESULTS.md").write_text(report, encoding="utf-8")
