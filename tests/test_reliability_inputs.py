@@ -55,6 +55,12 @@ def test_visual_budget_of_the_check_depends_on_what_runs(module):
     assert module.context_limit("train") == ContextLimit(4096, patches, 0)
 
 
+def test_original_positions_count_the_whole_image_against_the_context(tiny_model):
+    config = SparseZipConfig(k_min=2, k_max=12, merging=MergingConfig(contextual_num=4), visual_positions="original")
+    module = SparseZipModule(model_path=tiny_model, compressor=config, max_new_tokens=3, objective="lm")
+    assert module.context_limit("generate") == ContextLimit(4096, module.backend.num_patches, 3)
+
+
 def test_too_long_prompt_is_refused_not_cut(module):
     samples = synthetic_samples(3, with_answer=False)
     builder = module.collate_fn("generate")

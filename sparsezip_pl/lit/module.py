@@ -142,14 +142,15 @@ class SparseZipModule(L.LightningModule):
 
     def context_limit(self, mode: str) -> ContextLimit | None:
         """The length check for ``mode`` batches, with the most visual tokens an image can take:
-        the compressor's ``T_max``, or all N patches where the distillation teacher runs."""
+        the compressor's ``T_max``, or all N patches where the distillation teacher runs or where
+        tokens keep their original positions (the text after the image then starts N later)."""
         positions = llm_context_length(self.backend.model, self.backend.tokenizer)
         if positions is None:
             return None
         patches = self.backend.num_patches
         compressor = self.model.compressor
         visual = compressor.output_length(patches) if hasattr(compressor, "output_length") else patches
-        if mode == "train" and self.objective != "lm":
+        if (mode == "train" and self.objective != "lm") or self.compressor_config.visual_positions == "original":
             visual = max(visual, patches)
         new_tokens = self.hparams.max_new_tokens if mode == "generate" else 0
         return ContextLimit(positions, visual, new_tokens)
