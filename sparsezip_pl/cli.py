@@ -47,7 +47,7 @@ class SparseZipCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # Overrides LightningCLI's hook that loads the checkpoint's hyperparameters over the config
-        # (tests/test_cli.py checks that a --model option survives --ckpt_path).
+        # (tests/test_lit.py checks that a --model option survives --ckpt_path).
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
