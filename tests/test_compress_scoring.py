@@ -148,7 +148,7 @@ def _naive_scores(comp, cap, text=None, text_mask=None):
         probs = torch.softmax(t @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1]), -1)
         m = text_mask.double().unsqueeze(-1)
         r = (probs * m).sum(1) / m.sum(1)
-        fused = fused + cfg.cross_beta * naive_zscore(r)
+        fused = fused + cfg.cross_beta * comp.scorer.text_gate.detach().double() * naive_zscore(r)
     return fused
 
 
@@ -157,6 +157,7 @@ def test_fused_multilayer_text_aware_score_matches_design():
     comp = SparseZipCompressor(cfg, num_heads=4, head_dim=8, text_dim=6).eval()
     with torch.no_grad():
         comp.scorer.gate_logits.copy_(torch.tensor([0.3, -1.0, 0.5]))
+        comp.scorer.text_gate.fill_(0.8)
     cap = random_capture(batch=2, num_patches=30, num_heads=4, head_dim=8, num_layers=3, peak=4.0)
     text = torch.randn(2, 5, 6)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
@@ -171,3 +172,20 @@ def test_attention_only_ablation_scores_by_attention():
     out = comp(cap)
     expected = zscore(patch_attention(cap.queries[0], cap.keys[0]))
     torch.testing.assert_close(out.scores, expected)
+
+
+def test_text_term_starts_gated_off_and_its_gate_learns():
+    """An untuned text-aware compressor scores like the text-blind one; the gate gets a gradient."""
+    blind = SparseZipCompressor(SparseZipConfig(layers=[-2, -6]), num_heads=4, head_dim=8).eval()
+    aware = SparseZipCompressor(SparseZipConfig(layers=[-2, -6], cross_beta=0.5), num_heads=4, head_dim=8,
+                                text_dim=6).eval()
+    cap = random_capture(batch=2, num_patches=30, num_heads=4, head_dim=8, num_layers=2, peak=4.0)
+    text = torch.randn(2, 5, 6)
+    assert aware.scorer.text_gate.item() == 0.0
+    torch.testing.assert_close(aware(cap, text).scores, blind(cap).scores)
+    aware.train()
+    (aware(cap, text).scores * torch.randn(2, 30)).sum().backward()
+    assert aware.scorer.text_gate.grad.abs() > 0
+    with torch.no_grad():
+        aware.scorer.text_gate.fill_(1.0)
+    assert not torch.allclose(aware.eval()(cap, text).scores, blind(cap).scores)

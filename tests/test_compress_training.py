@@ -23,6 +23,8 @@ def _setup(rule="attention_entropy", hierarchical=True):
         merging=MergingConfig(contextual_num=5, hierarchical=hierarchical),
     )
     comp = SparseZipCompressor(cfg, num_heads=4, head_dim=16, text_dim=12)
+    with torch.no_grad():
+        comp.scorer.text_gate.fill_(0.5)  # as after some tuning: at 0 the projection gets no gradient yet
     # Attention concentrated enough that K lands strictly inside [k_min, k_max].
     cap = random_capture(batch=3, num_patches=64, num_heads=4, head_dim=16, num_layers=2, peak=[12.0, 16.0, 20.0])
     gen = torch.Generator().manual_seed(1)
@@ -52,6 +54,7 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(rule, hierarch
         "scorer.gate_logits",
         "scorer.text_proj.weight",
         "scorer.text_proj.bias",
+        "scorer.text_gate",
         "budget.offset",
     }
     for name, param in comp.named_parameters():

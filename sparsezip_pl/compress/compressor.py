@@ -40,7 +40,8 @@ class SparseZipCompressor(nn.Module):
 
     Trainable parameters, registered whatever the method (inert where unused):
     ``scorer.alphas`` [3], ``scorer.gate_logits`` [S], ``scorer.text_proj`` (Linear
-    text_dim -> head_dim, when ``text_dim`` is given) and ``budget.offset`` (the dynamic-K ``c``).
+    text_dim -> head_dim) and ``scorer.text_gate`` (scalar, 0 at first: see :class:`HybridScorer`),
+    both when ``text_dim`` is given, and ``budget.offset`` (the dynamic-K ``c``).
 
     ``config.layers[0]`` is the primary scoring layer (default -2, LLaVA's feature layer): its
     head-averaged keys drive the contextual merge and the text term, and ``visionzip`` scores with

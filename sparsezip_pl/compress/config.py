@@ -104,7 +104,8 @@ class SparseZipConfig:
     tau_sim: float = 0.1
     """Softmax temperature over patch similarities (mutual-information term)."""
     cross_beta: float = 0.0
-    """Weight of the text-relevance term (question embeddings through a trainable projection); 0 = off."""
+    """Weight of the text-relevance term (question embeddings through a trainable projection); 0 = off.
+    The term also has a learned gate that starts at 0: it acts only once tuned."""
     merging: MergingConfig = field(default_factory=MergingConfig)
     """How leftover patches become contextual tokens."""
     select_tau: float = 0.1

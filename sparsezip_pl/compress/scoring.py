@@ -214,8 +214,13 @@ class HybridScorer(nn.Module):
 
     Trainable parameters (registered whatever the config, inert where it does not use them):
     ``alphas`` [3] (attention, entropy, mutual information), ``gate_logits`` [S] (layer fusion,
-    used with S >= 2) and ``text_proj`` (question embedding -> key space; exists when
-    ``text_dim`` is given, used when ``cross_beta > 0``).
+    used with S >= 2), and, when ``text_dim`` is given (used when ``cross_beta > 0``),
+    ``text_proj`` (question embedding -> key space) and ``text_gate`` (scalar, starts at 0).
+
+    The text term is ``cross_beta * text_gate * zscore(relevance)``. Its gate starts at zero, so
+    an untuned text-aware compressor scores exactly like the text-blind one and tuning starts
+    from there instead of from a random projection's noise (the gate gets a gradient at zero; the
+    projection gets one as soon as the gate moves).
     """
 
     def __init__(self, config: SparseZipConfig, head_dim: int, text_dim: int | None):
@@ -225,6 +230,7 @@ class HybridScorer(nn.Module):
         self.alphas = nn.Parameter(torch.tensor([alphas.attn, alphas.entropy, alphas.mutual]))
         self.gate_logits = nn.Parameter(torch.zeros(len(config.layers)))
         self.text_proj = nn.Linear(text_dim, head_dim) if text_dim is not None else None
+        self.text_gate = nn.Parameter(torch.zeros(())) if text_dim is not None else None
 
     def layer_weights(self) -> torch.Tensor:
         """softmax of the gate logits, [S] float32."""
@@ -278,5 +284,5 @@ class HybridScorer(nn.Module):
             if text_mask is None:
                 text_mask = torch.ones(text_feats.shape[:2], dtype=torch.bool, device=text_feats.device)
             relevance = text_relevance(text_feats, text_mask, mean_keys[:batch])
-            scores = scores + cfg.cross_beta * zscore(relevance)
+            scores = scores + cfg.cross_beta * self.text_gate.float() * zscore(relevance)
         return scores, attention, unit_keys[:batch]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -358,6 +359,7 @@ class SparseZipModule(L.LightningModule):
         # ``model_path`` when the module was rebuilt. Fill them in so loading stays strict: a
         # half-loaded compressor would score the untuned method under the tuned name.
         state = checkpoint["state_dict"]
+        _upgrade_text_gate(state)
         current = self.state_dict()
         expected = {k for k in current if k.startswith(_COMPRESSOR_PREFIX)}
         missing = sorted(expected - set(state))
@@ -369,6 +371,16 @@ class SparseZipModule(L.LightningModule):
         for key, value in current.items():
             if not key.startswith(_COMPRESSOR_PREFIX):
                 state.setdefault(key, value)
+
+
+def _upgrade_text_gate(state: dict[str, torch.Tensor]) -> None:
+    """Checkpoints written before the text term had a gate used it at full weight: gate 1."""
+    for key in [k for k in state if k.endswith("scorer.text_proj.weight")]:
+        gate = key.removesuffix("text_proj.weight") + "text_gate"
+        if gate not in state:
+            warnings.warn(f"{gate} missing from the checkpoint (saved before the text gate existed): set to 1, "
+                          "the weight the text term had then", stacklevel=2)
+            state[gate] = torch.ones((), dtype=state[key].dtype)
 
 
 def _rng_states() -> dict[str, Any]:
