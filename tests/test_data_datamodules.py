@@ -172,6 +172,19 @@ def test_trainer_fit_instruct(tmp_path):
     assert trainer.callback_metrics["val_seen"] == 3
 
 
+def test_instruct_module_validates_on_a_benchmark(tmp_path):
+    path, images = write_instruct(tmp_path)
+    benchmark = EvalDataModule(mme_root=str(write_mme_folder(tmp_path)), batch_size=4)
+    with pytest.raises(ValueError, match="val_source or val_benchmark, not both"):
+        InstructDataModule(str(path), image_dir=str(images), val_source=str(path), val_benchmark=benchmark)
+    dm = InstructDataModule(str(path), image_dir=str(images), val_benchmark=benchmark, batch_size=2)
+    benchmark.collate_fn = WrapCollate()
+    ids = _ids(pickle.loads(pickle.dumps(dm)).val_dataloader())
+    assert ids == [f"{task}/000{i}.{ext}#{q}" for task, ext in (("existence", "jpg"), ("code_reasoning", "png"))
+                   for i in range(2) for q in range(2)]
+    assert benchmark.skip_ledger is dm.skip_ledger  # one count of skips for the whole run
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="on_error"):
         MMEDataModule("x", on_error="ignore")

@@ -95,6 +95,34 @@ def test_fit_trains_only_the_compressor_and_saves_a_loadable_checkpoint(tmp_path
         assert torch.equal(loaded.model.compressor.state_dict()[key], value)
 
 
+def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, world, tiny_model):
+    data = {
+        "class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+        "init_args": {"train_source": world["instruct_json"], "batch_size": 4, "val_benchmark": _eval_data(world)},
+    }
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"monitor": "val/mme/perception_total", "mode": "max", "save_top_k": 1}}
+    config = _config(
+        tmp_path, "fit", tiny_model, data,
+        model={"objective": "distill", "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.5}}},
+        trainer={"max_steps": 6, "val_check_interval": 2, "num_sanity_val_steps": 0, "enable_checkpointing": True,
+                 "callbacks": [checkpoint]},
+    )
+    cli = main(["fit", "--config", config])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(cli.trainer.log_dir)
+    events.Reload()
+    validated = [e.value for e in events.Scalars("val/mme/perception_total")]
+    assert len(validated) == 3 and "val/pope/avg/f1" in events.Tags()["scalars"]
+    callback = cli.trainer.checkpoint_callback
+    assert float(callback.best_model_score) == max(validated)
+    # the kept compressor answers the same questions, through `test`, exactly as validation scored it
+    tested = main(["test", "--config", _config(tmp_path, "test", tiny_model, _eval_data(world)),
+                   f"--ckpt_path={callback.best_model_path}"])
+    assert tested.trainer.callback_metrics["test/mme/perception_total"] == callback.best_model_score
+
+
 def test_checkpoint_missing_compressor_weights_is_an_error(tmp_path, world, tiny_model):
     cli = _fit(tmp_path, world, tiny_model, steps=1)
     checkpoint_path = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
@@ -103,6 +131,17 @@ def test_checkpoint_missing_compressor_weights_is_an_error(tmp_path, world, tiny
     torch.save(checkpoint, tmp_path / "broken.ckpt")
     with pytest.raises(KeyError, match="alphas"):
         SparseZipModule.load_from_checkpoint(tmp_path / "broken.ckpt")
+
+
+def test_checkpoint_from_before_the_text_gate_loads_with_the_gate_open(tmp_path, world, tiny_model):
+    cli = _fit(tmp_path, world, tiny_model, steps=1)
+    checkpoint_path = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    assert checkpoint["state_dict"].pop("model.compressor.scorer.text_gate").item() == 0.0
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match="text_gate missing"):
+        loaded = SparseZipModule.load_from_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.model.compressor.scorer.text_gate.item() == 1.0
 
 
 def test_ckpt_path_keeps_the_given_settings_and_warns_about_differences(tmp_path, world, tiny_model):

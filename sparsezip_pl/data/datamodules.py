@@ -84,8 +84,12 @@ class InstructDataModule(_BaseDataModule):
         train_source: training records: a JSON list / JSONL file, a folder of them or of parquet
             files, or a Hugging Face hub id.
         image_dir: folder the records' ``image`` paths are relative to (default: the source's folder).
-        val_source: optional validation records, same forms as ``train_source``.
+        val_source: optional validation records, same forms as ``train_source`` (validated by
+            the tuning loss: ``val/loss``, ``val/distill`` ...).
         val_image_dir: image folder for ``val_source`` (default: ``image_dir``).
+        val_benchmark: optional MME / POPE data to validate on instead, answered by generation
+            like ``test`` (``val/mme/total``, ``val/pope/avg/f1`` ...), so a ``ModelCheckpoint``
+            can keep the compressor that answers best. Use a split that is not the test set.
         batch_size: samples per batch.
         num_workers: DataLoader worker processes (image decoding runs there).
         pin_memory: pin batches in page-locked memory (GPU runs).
@@ -106,6 +110,7 @@ class InstructDataModule(_BaseDataModule):
         image_dir: str | None = None,
         val_source: str | None = None,
         val_image_dir: str | None = None,
+        val_benchmark: EvalDataModule | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -123,6 +128,11 @@ class InstructDataModule(_BaseDataModule):
         self.image_dir = image_dir
         self.val_source = val_source
         self.val_image_dir = val_image_dir
+        if val_source and val_benchmark is not None:
+            raise ValueError("InstructDataModule: give val_source or val_benchmark, not both")
+        self.val_benchmark = val_benchmark
+        if val_benchmark is not None:
+            val_benchmark.skip_ledger = self.skip_ledger  # one count of skips for the run
         self.shuffle = shuffle
         self.check_images = check_images
         self.max_samples = max_samples
@@ -134,7 +144,7 @@ class InstructDataModule(_BaseDataModule):
     def _hide_val_hook(self) -> None:
         """Without validation data, un-override ``val_dataloader`` on this instance so Lightning
         skips validation silently (an empty loader list would make it warn)."""
-        if not self.val_source:
+        if not self.val_source and self.val_benchmark is None:
             self.val_dataloader = super().val_dataloader
 
     def __getstate__(self) -> dict[str, Any]:
@@ -180,9 +190,11 @@ class InstructDataModule(_BaseDataModule):
         return EpochSeededRandomSampler(self.train_dataset, seed) if self.shuffle else None
 
     def val_dataloader(self) -> SkipCountingDataLoader:
-        """Validation batches in file order (only with a ``val_source``)."""
+        """Validation batches in file order (only with a ``val_source`` or ``val_benchmark``)."""
+        if self.val_benchmark is not None:
+            return self.val_benchmark.val_dataloader()
         if not self.val_source:
-            raise ValueError("InstructDataModule has no val_source")
+            raise ValueError("InstructDataModule has no val_source or val_benchmark")
         self.setup("validate")
         return self._loader(self.val_dataset, shuffle=False)
 

@@ -125,13 +125,17 @@ class SparseZipModule(L.LightningModule):
     # ----------------------------------------------------------------- batches
     def setup(self, stage: str) -> None:
         """Hands the datamodule the backend's collate function: training batches (prompt, answer
-        and labels) for instruction data, generation batches (prompt only) for benchmarks."""
+        and labels) for instruction data, generation batches (prompt only) for benchmarks,
+        including an instruction module's ``val_benchmark``."""
         from sparsezip_pl.data.datamodules import InstructDataModule
 
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "collate_fn"):
             mode = "train" if isinstance(datamodule, InstructDataModule) else "generate"
             datamodule.collate_fn = self.collate_fn(mode, getattr(datamodule, "on_error", "raise"))
+            benchmark = getattr(datamodule, "val_benchmark", None)
+            if benchmark is not None:
+                benchmark.collate_fn = self.collate_fn("generate", benchmark.on_error)
 
     def collate_fn(self, mode: str, on_error: str = "raise"):
         """The backend's batch builder for ``mode``, refusing prompts that cannot fit the LLM's
