@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsezip_pl.demo.pipeline import main
 
@@ -31,7 +32,11 @@ def test_quick_demo_reports_every_method(tmp_path):
     assert report.count("\n| ") == 1 + len(rows)  # header + one line per method
     saved = json.loads(next(tmp_path.glob("*-results.json")).read_text())
     assert saved == rows
-    checkpoints = sorted(tmp_path.glob("demo/*-fit*/checkpoints/last.ckpt"))
-    assert len(checkpoints) == 2
-    for checkpoint in checkpoints:
+    # each fit validated on the development world and kept its best compressor, which was tested
+    best = sorted(tmp_path.glob("demo/*-fit*/checkpoints/best.ckpt"))
+    assert len(best) == 2
+    for checkpoint in best:
         assert checkpoint.stat().st_size < 1_000_000  # only the compressor is saved, not the LLaVA
+        assert "val/mme/perception_total" in torch.load(checkpoint, weights_only=False)["callbacks"].__repr__()
+    tested = [log.read_text() for log in tmp_path.glob("*-test.log")]
+    assert sum("best.ckpt" in text for text in tested) == 2

@@ -10,8 +10,10 @@ Steps, each an ordinary CLI command printed before it runs, so any of them can b
 3. for each way of placing the kept tokens in the LLM's sequence (``--positions``: one after
    another, the published methods' way, and/or at their original positions):
    ``test`` ``visionzip`` at 64 tokens and SparseZip's default; ``fit`` SparseZip's trainable
-   parts (alphas, layer gates, text projection, budget offset) by distillation from the same
-   model fed all 576 tokens, with a budget penalty at 64 tokens; ``test`` the tuned checkpoint;
+   parts (alphas, layer gates, text projection and gate, budget offset) by distillation from the
+   same model fed all 576 tokens, with a budget penalty at 64 tokens, validating every 100 steps
+   on a development world of another seed and keeping the compressor with the best MME-style
+   total there; ``test`` that checkpoint;
 4. print one table from the runs' ``results.json`` files and save it as ``RESULTS.md``.
 """
 
@@ -67,6 +69,18 @@ def world_args(world: dict) -> list[str]:
     ]
 
 
+def dev_args(world: dict) -> list[str]:
+    """The fit's validation data: the development world's MME and POPE files."""
+    prefix = "--data.init_args.val_benchmark.init_args"
+    return [
+        "--data.init_args.val_benchmark=sparsezip_pl.data.datamodules.EvalDataModule",
+        f"{prefix}.mme_root={world['mme_root']}",
+        f"{prefix}.pope_source={world['pope_root']}",
+        f"{prefix}.pope_image_dir={world['pope_image_folder']}",
+        f"{prefix}.batch_size=16",
+    ]
+
+
 def logger_args(out: Path, version: str) -> list[str]:
     return [f"--trainer.logger.init_args.save_dir={out}", "--trainer.logger.init_args.name=demo",
             f"--trainer.logger.init_args.version={version}"]
@@ -114,6 +128,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--mme-images", type=int, default=40, help="images per MME subtask (2 questions each)")
     parser.add_argument("--pope-images", type=int, default=40, help="images probed by each POPE split")
     parser.add_argument("--instruct", type=int, default=600, help="instruction records for tuning")
+    parser.add_argument("--dev-world", default="data/generated/demo-dev-world",
+                        help="where the development world (the fit's validation data) is written")
+    parser.add_argument("--dev-seed", type=int, default=4321,
+                        help="its seed (the world configs/demo/sparsezip.yaml's budget was calibrated on)")
+    parser.add_argument("--dev-images", type=int, default=20, help="its images per MME subtask")
+    parser.add_argument("--dev-pope-images", type=int, default=8, help="its images per POPE split")
     parser.add_argument("--fit-minutes", type=float, default=4.0, help="wall-clock budget of the tuning run")
     parser.add_argument("--model-path", default="checkpoints/tiny-llava-synth", help="the LLaVA to run (llava-hf layout)")
     parser.add_argument("--positions", nargs="+", choices=list(POSITIONS), default=list(POSITIONS),
@@ -121,17 +141,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="a few samples and steps (the CI version)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.mme_images, args.pope_images, args.instruct = 2, 2, 16
+        args.mme_images, args.pope_images, args.instruct, args.dev_images, args.dev_pope_images = 2, 2, 16, 1, 1
 
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    world_root = (REPO / args.world).resolve()
+    world_root, dev_root = (REPO / args.world).resolve(), (REPO / args.dev_world).resolve()
     if args.quick:
-        world_root = out / f"{stamp}-world"
+        world_root, dev_root = out / f"{stamp}-world", out / f"{stamp}-dev-world"
+    if args.dev_seed == args.seed:
+        raise SystemExit("--dev-seed must differ from --seed: the fit would be validated on the test world")
     world = generate_world(world_root, seed=args.seed, n_mme_images=args.mme_images,
                            n_pope_images=args.pope_images, n_instruct=args.instruct)
     print(f"held-out synthetic world (seed {args.seed}) in {world_root}")
+    dev = generate_world(dev_root, seed=args.dev_seed, n_mme_images=args.dev_images,
+                         n_pope_images=args.dev_pope_images, n_instruct=0)
+    print(f"development world for the fit's validation (seed {args.dev_seed}) in {dev_root}")
 
     eval_base = ["--config", "configs/demo/eval.yaml", *world_args(world), f"--model.model_path={args.model_path}"]
     rows = []
@@ -151,16 +176,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fit_args = [
             "fit", *eval_base[:2], *tuned_args, *position_args, "--config", "configs/demo/fit.yaml",
             f"--model.model_path={args.model_path}",
-            f"--data.init_args.train_source={world['instruct_json']}",
+            f"--data.init_args.train_source={world['instruct_json']}", *dev_args(dev),
             *logger_args(out, fit_version),
         ]
         if args.quick:
-            fit_args += ["--trainer.max_steps=2", "--trainer.max_time=null"]
+            fit_args += ["--trainer.max_steps=2", "--trainer.max_time=null", "--trainer.val_check_interval=1"]
         else:
             seconds = round(args.fit_minutes * 60)
             fit_args += [f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
         run(fit_args, out / f"{fit_version}.log")
-        checkpoint = out / "demo" / fit_version / "checkpoints" / "last.ckpt"
+        checkpoint = out / "demo" / fit_version / "checkpoints" / "best.ckpt"
         test(tuned_label + suffix, [*tuned_args, *position_args, f"--ckpt_path={checkpoint}"])
 
     table = format_table(rows)
@@ -168,7 +193,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"Demo run {stamp}: tiny synthetic-world LLaVA (`checkpoints/tiny-llava-synth`), held-out world seed "
         f"{args.seed}, {args.mme_images} images per MME subtask, {args.pope_images} POPE images per split, "
         f"tuning {'2 steps' if args.quick else f'{args.fit_minutes:g} min'} per tuned row on {args.instruct} "
-        "instruction records.\n\n"
+        f"instruction records, validated on world seed {args.dev_seed} ({args.dev_images} images per MME subtask, "
+        f"{args.dev_pope_images} per POPE split).\n\n"
         + table + "\n"
     )
     (out / "RESULTS.md").write_text(report, encoding="utf-8")
