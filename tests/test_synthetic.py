@@ -151,3 +151,15 @@ def test_cli(tmp_path, capsys):
             "--n-instruct", "1"])
     paths = json.loads(capsys.readouterr().out)
     assert Path(paths["pope_files"]["adversarial"]).is_file()
+
+
+def test_anchor_patch_lies_on_its_object_even_where_the_centre_is_a_hole():
+    scene = S.sample_scene(S.rng_for(0, "train", 7))
+    ring = S.Obj("ring", "red", 100.0, 150.0, 70.0)
+    for obj in [ring, *scene.objects]:
+        _, labels = S.render(S.Scene([obj], scene.theme, scene.style), with_labels=True)
+        patch_shapes = labels["shape"].reshape(-1)
+        assert patch_shapes[S.anchor_patch(obj)] == S.SHAPES.index(obj.shape) + 1, obj
+    centre = int(ring.cy // S.PATCH) * S.GRID + int(ring.cx // S.PATCH)
+    _, labels = S.render(S.Scene([ring], scene.theme, scene.style), with_labels=True)
+    assert labels["shape"].reshape(-1)[centre] == 0  # the ring's hole, where the centre-patch target pointed

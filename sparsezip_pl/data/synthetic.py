@@ -219,6 +219,18 @@ def _shape_mask(shape: str, cx: float, cy: float, size: float):
     return m, (x0, y0)
 
 
+def anchor_patch(o: Obj) -> int:
+    """Index (row * GRID + column) of the patch that the object's own pixels cover most (ties: the
+    one nearest the centre). Unlike the centre patch it lies on the object: a ring's centre is a hole.
+    """
+    m, (x0, y0) = _shape_mask(o.shape, o.cx, o.cy, o.size)
+    full = np.zeros((IMAGE_SIZE + 64, IMAGE_SIZE + 64), np.float32)
+    full[y0 + 32: y0 + 32 + m.size[1], x0 + 32: x0 + 32 + m.size[0]] = np.asarray(m) > 127
+    cover = full[32:-32, 32:-32].reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
+    rows, cols = np.mgrid[0:GRID, 0:GRID] * PATCH + PATCH / 2
+    return int((cover - 1e-4 * np.hypot(rows - o.cy, cols - o.cx)).argmax())
+
+
 def _fill(pattern: str, w: int, cx: float, cy: float) -> np.ndarray:
     """A [w, w] 0/1 map: 1 = object colour, 0 = its darker shade (period 6 px)."""
     y, x = np.mgrid[0:w, 0:w]

@@ -92,7 +92,10 @@ def parse_args(argv=None):
                    help="weight of the grounding loss: the answer position's last-layer head 0 attends to the asked shape")
     p.add_argument("--count-grounding-weight", type=float, default=0.0,
                    help="weight of the counting loss: last-layer head 1 at a yes/no answer puts 0.2 of its "
-                        "attention on the centre patch of each instance of the asked shape, the rest on the text prefix")
+                        "attention on one patch of each instance of the asked shape, the rest on the text prefix")
+    p.add_argument("--count-anchor", choices=("centre", "cover"), default="centre",
+                   help="the counting loss's patch per instance: the one holding its centre (a hole for rings and "
+                        "moons) or the one its pixels cover most")
     p.add_argument("--route-weight", type=float, default=0.0,
                    help="weight of the routing loss: linear probes on the last LLM layer's input at a yes/no answer "
                         "must read the asked shape, colour, side and number (so the question reaches the answer)")
@@ -454,7 +457,8 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
         asked.append([_question_shape(turns[0][0]) for turns, _ in items])
         attributes.append([question_attributes(turns[0][0]) for turns, _ in items])
         readouts.append([readout_labels(_question_shape(turns[0][0]), scene.objects) for turns, _ in items])
-        centres.append([(o.shape, min(int(o.cy // S.PATCH), S.GRID - 1) * S.GRID + min(int(o.cx // S.PATCH), S.GRID - 1))
+        centres.append([(o.shape, S.anchor_patch(o) if args.count_anchor == "cover" else
+                         min(int(o.cy // S.PATCH), S.GRID - 1) * S.GRID + min(int(o.cx // S.PATCH), S.GRID - 1))
                         for o in scene.objects])
         imgs.append(S.jpeg_roundtrip(arr))
         per_image.append([tz.item(turns) for turns, _ in items])
@@ -699,7 +703,7 @@ COUNT_SHARE = 0.2  # attention share per counted instance (at most MAX_PER_SHAPE
 
 def counting_loss(capture, packed, fams, ground, keep, n_text: int, C: int, head: int = 1):
     """Counting supervision: in the last layer, head ``head`` of a yes/no answer position puts
-    ``COUNT_SHARE`` of its attention on the centre patch of each instance of the asked shape and the
+    ``COUNT_SHARE`` of its attention on one patch (``--count-anchor``) of each instance of the asked shape and the
     rest on the text prefix (the sink), so its output moves linearly with the number of instances.
     Cross-entropy between that target distribution and the head's attention, averaged."""
     q, k, scale = capture["q"][:, head].float(), capture["k"][:, head].float(), capture["scale"]
@@ -852,8 +856,10 @@ def write_card(out: Path, model, args, info: dict) -> None:
                         "(the attribute is compared after attention, see the readout loss). ")
     if args.count_grounding_weight > 0:
         caption += (f"A counting loss (weight {args.count_grounding_weight}): head 1 of the last layer puts "
-                    f"{COUNT_SHARE} of its attention on the centre patch of each instance of the asked shape and the "
-                    f"rest on the text prefix, so its output moves with the number of instances. ")
+                    f"{COUNT_SHARE} of its attention on one patch of each instance of the asked shape ("
+                    + ("the patch the instance covers most, never a ring's hole" if args.count_anchor == "cover"
+                       else "the patch holding its centre") +
+                    ") and the rest on the text prefix, so its output moves with the number of instances. ")
     if args.route_weight > 0 or args.readout_weight > 0 or args.keep_weight > 0:
         caption += ("Linear probes, thrown away after training, add losses that keep the information each step "
                     "of the answer needs where the next step can read it: ")
