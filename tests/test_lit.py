@@ -100,13 +100,15 @@ def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, wo
         "class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
         "init_args": {"train_source": world["instruct_json"], "batch_size": 4, "val_benchmark": _eval_data(world)},
     }
-    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"monitor": "val/mme/perception_total", "mode": "max", "save_top_k": 1}}
+    # the README's recipe: the best compressor by validation, and last.ckpt from an unmonitored callback
+    best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"filename": "best", "monitor": "val/mme/perception_total", "mode": "max"}}
+    last = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
     config = _config(
         tmp_path, "fit", tiny_model, data,
         model={"objective": "distill", "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.5}}},
         trainer={"max_steps": 6, "val_check_interval": 2, "num_sanity_val_steps": 0, "enable_checkpointing": True,
-                 "callbacks": [checkpoint]},
+                 "callbacks": [best, last]},
     )
     cli = main(["fit", "--config", config])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -115,8 +117,9 @@ def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, wo
     events.Reload()
     validated = [e.value for e in events.Scalars("val/mme/perception_total")]
     assert len(validated) == 3 and "val/pope/avg/f1" in events.Tags()["scalars"]
-    callback = cli.trainer.checkpoint_callback
-    assert float(callback.best_model_score) == max(validated)
+    callback = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor)
+    assert float(callback.best_model_score) == max(validated) and Path(callback.best_model_path).name == "best.ckpt"
+    assert torch.load(Path(callback.dirpath) / "last.ckpt", weights_only=False)["global_step"] == 6
     # the kept compressor answers the same questions, through `test`, exactly as validation scored it
     tested = main(["test", "--config", _config(tmp_path, "test", tiny_model, _eval_data(world)),
                    f"--ckpt_path={callback.best_model_path}"])
