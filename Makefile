@@ -26,3 +26,4 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/compressor.py
 	$(PY) bench/e2e.py
+	$(PY) bench/object_coverage.py
