@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from sparsezip_pl.models.tiny import CLIP_MEAN, CLIP_STD, clip_image_processor
 
 # LLaVA-1.5 (vicuna_v1) conversation format, as llava-hf's template renders it:
 #   USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT:
@@ -38,24 +37,13 @@ CHAT_TEMPLATE = (
 
 def build_processor(texts, folder: str | os.PathLike, vocab_size: int = 640):
     """Train the tokenizer on ``texts`` and assemble a LlavaProcessor (saved to ``folder``)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
 
     from sparsezip_pl.models.tokenizer import build_llama_tokenizer
 
     folder = Path(folder)
     tok = build_llama_tokenizer(texts, folder / "_tokenizer", vocab_size=vocab_size)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        do_resize=True,
-        do_center_crop=True,
-        do_normalize=True,
-        do_rescale=True,
-        do_convert_rgb=True,
-        resample=3,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-    )
+    image_processor = clip_image_processor(336)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,

@@ -92,12 +92,13 @@ def _vision_config(spec: TinyLlavaSpec):
     )
 
 
-def _image_processor(spec: TinyLlavaSpec):
+def clip_image_processor(image_size: int):
+    """LLaVA-1.5's image processor (CLIP's: bicubic resize, centre crop, CLIP mean / std) at ``image_size``."""
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(
-        size={"shortest_edge": spec.image_size},
-        crop_size={"height": spec.image_size, "width": spec.image_size},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         do_resize=True,
         do_normalize=True,
@@ -191,7 +192,7 @@ def tiny_hf_llava(spec: TinyLlavaSpec, tokenizer):
     model = LlavaForConditionalGeneration(config)
     model.generation_config = _greedy_generation_config(tokenizer)
     processor = LlavaProcessor(
-        image_processor=_image_processor(spec),
+        image_processor=clip_image_processor(spec.image_size),
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
@@ -210,7 +211,7 @@ def _build_llava(spec: TinyLlavaSpec, folder: Path, tokenizer) -> None:
     tower_dir = folder / VISION_TOWER_FOLDER
     torch.manual_seed(spec.seed)
     CLIPVisionModel(_vision_config(spec)).save_pretrained(tower_dir)
-    _image_processor(spec).save_pretrained(tower_dir)
+    clip_image_processor(spec.image_size).save_pretrained(tower_dir)
 
     # The fields LLaVA-1.5's training script writes into a liuhaotian checkpoint's config.
     config = LlavaConfig(
