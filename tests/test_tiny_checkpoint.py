@@ -101,3 +101,14 @@ def test_careless_token_dropping_costs_accuracy(loaded, world, documented):
     full = E.evaluate_world(model, processor, world)
     dropped = E.evaluate_world(model, processor, world, keep_policy="random", n_keep=64)
     assert _overall(full) - _overall(dropped) >= 10.0
+
+
+def test_multi_seed_evaluation_reports_each_world_and_their_mean(tmp_path):
+    columns = E.main(["--model-path", str(CKPT), "--seeds", "7", "8", "--mme-images", "2", "--pope-images", "1",
+                      "--out", str(tmp_path), "--threads", "1"])
+    assert list(columns) == ["seed 7", "seed 8", "mean"]
+    assert (tmp_path / "seed7" / "MME_Benchmark_release_version").is_dir()
+    for family in E.FAMILIES:
+        accs = [columns[f"seed {s}"][family]["acc"] for s in (7, 8)]
+        assert columns["mean"][family]["acc"] == pytest.approx(sum(accs) / 2)
+        assert columns["seed 7"][family]["n"] == 4 if family.startswith("mme") else columns["seed 7"][family]["n"] > 0
