@@ -204,6 +204,9 @@ def evaluate_world(model, processor, paths: dict, max_mme_images=None, max_pope_
     return results
 
 
+# Worlds that no choice between the tiny model's training runs looked at (seed 1 did).
+UNSEEN_SEEDS = (2, 3, 5, 6, 1234)
+
 FAMILIES = ("mme_existence", "mme_count", "mme_color", "mme_position",
             "pope_random", "pope_popular", "pope_adversarial")
 
@@ -224,7 +227,7 @@ def format_table(columns: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Accuracy of a synthetic-world LLaVA on worlds of several seeds.")
     parser.add_argument("--model-path", default="checkpoints/tiny-llava-synth")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 5, 6, 1234],
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(UNSEEN_SEEDS),
                         help="world seeds (seed 1 is the card's held-out world, which chose between training runs)")
     parser.add_argument("--mme-images", type=int, default=80, help="images per MME subtask (two questions each)")
     parser.add_argument("--pope-images", type=int, default=20, help="images probed by each POPE split")

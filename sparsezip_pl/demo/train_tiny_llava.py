@@ -120,7 +120,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-mme-images", type=int, default=80, help="held-out images per MME subtask")
     p.add_argument("--eval-pope-images", type=int, default=80)
-    p.add_argument("--other-seeds", default="2,3,5,6,1234",
+    p.add_argument("--other-seeds", default=",".join(map(str, E.UNSEEN_SEEDS)),
                    help="after training, also evaluate (all tokens) on worlds of these seeds, which no run's choice "
                         "looked at; the card reports them beside the held-out world")
     p.add_argument("--honest-images", type=int, default=20,
