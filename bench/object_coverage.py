@@ -44,13 +44,6 @@ def compressor_settings(paths: list[str]) -> dict:
     return merged
 
 
-def object_patches(obj: S.Obj) -> np.ndarray:
-    """Indices of the patches the object covers by at least 20% (the generator's label rule)."""
-    _, labels = S.render(S.Scene([obj], 0, {"base": [128.0] * 3, "grad": [0.0, 0.0], "blotch": 0, "strokes": 0,
-                                            "stroke_seed": 0, "noise_seed": 0}), with_labels=True)
-    return np.flatnonzero(labels["shape"].reshape(-1) > 0)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-path", default="checkpoints/tiny-llava-synth")
@@ -66,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     backend = load_backend("hf", args.model_path)
     scenes = [S.sample_scene(S.rng_for(args.seed, "extra", i)) for i in range(args.images)]
     pixels = torch.from_numpy(normalize_images(np.stack([S.jpeg_roundtrip(S.render(s)) for s in scenes])))
-    patches = [[object_patches(o) for o in s.objects] for s in scenes]
+    patches = [[S.object_patches(o) for o in s.objects] for s in scenes]
     methods = [args.config] if args.config else DEFAULT_METHODS
 
     print(f"{args.images} scenes of world seed {args.seed}, model {args.model_path}\n")

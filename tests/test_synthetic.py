@@ -160,22 +160,25 @@ def test_anchor_patch_lies_on_its_object_even_where_the_centre_is_a_hole():
         _, labels = S.render(S.Scene([obj], scene.theme, scene.style), with_labels=True)
         patch_shapes = labels["shape"].reshape(-1)
         assert patch_shapes[S.anchor_patch(obj)] == S.SHAPES.index(obj.shape) + 1, obj
-    centre = int(ring.cy // S.PATCH) * S.GRID + int(ring.cx // S.PATCH)
     _, labels = S.render(S.Scene([ring], scene.theme, scene.style), with_labels=True)
-    assert labels["shape"].reshape(-1)[centre] == 0  # the ring's hole, where the centre-patch target pointed
+    assert labels["center"].reshape(-1)[S.centre_patch(ring)] == 1
+    assert labels["shape"].reshape(-1)[S.centre_patch(ring)] == 0  # the hole, where the centre target pointed
 
 
-def test_object_coverage_bench_counts_the_patches_the_generator_labels():
+def test_object_patches_are_the_patches_the_labels_give_each_object():
+    scene = S.sample_scene(S.rng_for(4321, "extra", 3))
+    _, labels = S.render(scene, with_labels=True)
+    union = np.concatenate([S.object_patches(o) for o in scene.objects])
+    assert sorted(union.tolist()) == np.flatnonzero(labels["shape"].reshape(-1) > 0).tolist()
+
+
+def test_object_coverage_bench_layers_config_files_like_the_cli():
     import importlib.util
 
     repo = Path(__file__).parents[1]
     spec = importlib.util.spec_from_file_location("object_coverage", repo / "bench/object_coverage.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    scene = S.sample_scene(S.rng_for(4321, "extra", 3))
-    _, labels = S.render(scene, with_labels=True)
-    union = np.concatenate([bench.object_patches(o) for o in scene.objects])
-    assert sorted(union.tolist()) == np.flatnonzero(labels["shape"].reshape(-1) > 0).tolist()
     layered = [str(repo / "configs/demo/sparsezip.yaml"), str(repo / "configs/demo/original_positions.yaml")]
     assert bench.compressor_settings(layered) == {
         "method": "sparsezip", "dynamic_k": True, "k_min": 8, "k_max": 64,

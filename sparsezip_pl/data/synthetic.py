@@ -219,14 +219,38 @@ def _shape_mask(shape: str, cx: float, cy: float, size: float):
     return m, (x0, y0)
 
 
+_PAD = 32  # margin of the label canvas, so a shape's mask box may cross the image border
+
+
+def _object_canvas(o: Obj, mask=None) -> np.ndarray:
+    """The object's own pixels (1.0) on a zero canvas padded by ``_PAD`` on every side
+    (``mask``: its ``_shape_mask`` when already drawn)."""
+    m, (x0, y0) = mask or _shape_mask(o.shape, o.cx, o.cy, o.size)
+    canvas = np.zeros((IMAGE_SIZE + 2 * _PAD, IMAGE_SIZE + 2 * _PAD), np.float32)
+    canvas[y0 + _PAD: y0 + _PAD + m.size[1], x0 + _PAD: x0 + _PAD + m.size[0]] = np.asarray(m) > 127
+    return canvas
+
+
+def _patch_cover(canvas: np.ndarray) -> np.ndarray:
+    """[GRID, GRID]: the share of each patch the canvas's pixels cover."""
+    return canvas[_PAD:-_PAD, _PAD:-_PAD].reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
+
+
+def object_patches(o: Obj) -> np.ndarray:
+    """Indices (row * GRID + column) of the patches the object covers by at least 20%: the
+    patches ``render``'s labels give to it."""
+    return np.flatnonzero(_patch_cover(_object_canvas(o)).reshape(-1) >= 0.2)
+
+
+def centre_patch(o: Obj) -> int:
+    """Index of the patch holding the object's centre (``render``'s ``center`` label)."""
+    return min(int(o.cy // PATCH), GRID - 1) * GRID + min(int(o.cx // PATCH), GRID - 1)
+
+
 def anchor_patch(o: Obj) -> int:
-    """Index (row * GRID + column) of the patch that the object's own pixels cover most (ties: the
-    one nearest the centre). Unlike the centre patch it lies on the object: a ring's centre is a hole.
-    """
-    m, (x0, y0) = _shape_mask(o.shape, o.cx, o.cy, o.size)
-    full = np.zeros((IMAGE_SIZE + 64, IMAGE_SIZE + 64), np.float32)
-    full[y0 + 32: y0 + 32 + m.size[1], x0 + 32: x0 + 32 + m.size[0]] = np.asarray(m) > 127
-    cover = full[32:-32, 32:-32].reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
+    """Index of the patch that the object's own pixels cover most (ties: the one nearest the
+    centre). Unlike ``centre_patch`` it lies on the object: a ring's centre is a hole."""
+    cover = _patch_cover(_object_canvas(o))
     rows, cols = np.mgrid[0:GRID, 0:GRID] * PATCH + PATCH / 2
     return int((cover - 1e-4 * np.hypot(rows - o.cy, cols - o.cx)).argmax())
 
@@ -299,7 +323,7 @@ def render(scene: Scene, with_labels: bool = False):
     center_l = np.zeros((GRID, GRID), np.int64)
     count_l = np.zeros((GRID, GRID), np.int64)
     jitter = np.random.default_rng(scene.style["noise_seed"] + 1)
-    union = np.zeros((IMAGE_SIZE + 64, IMAGE_SIZE + 64), np.float32) if with_labels else None
+    union = np.zeros((IMAGE_SIZE + 2 * _PAD, IMAGE_SIZE + 2 * _PAD), np.float32) if with_labels else None
     for o in scene.objects:
         m, (x0, y0) = _shape_mask(o.shape, o.cx, o.cy, o.size)
         col = np.clip(np.array(COLORS[o.color], np.float32) + jitter.uniform(-14, 14, 3), 0, 255)
@@ -308,15 +332,13 @@ def render(scene: Scene, with_labels: bool = False):
         fill = np.where(pattern[..., None], col, col * 0.55).astype(np.uint8)
         img.paste(Image.fromarray(fill), (x0, y0), m)
         if with_labels:
-            full = np.zeros((IMAGE_SIZE + 64, IMAGE_SIZE + 64), np.float32)
-            full[y0 + 32: y0 + 32 + m.size[1], x0 + 32: x0 + 32 + m.size[0]] = np.asarray(m) > 127
-            union = np.maximum(union, full)
-            cover = full[32:-32, 32:-32].reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
-            on = cover >= 0.2
+            canvas = _object_canvas(o, (m, (x0, y0)))
+            union = np.maximum(union, canvas)
+            on = _patch_cover(canvas) >= 0.2
             shape_l[on] = SHAPES.index(o.shape) + 1
             color_l[on] = COLOR_NAMES.index(o.color) + 1
             count_l[on] = scene.count(o.shape)
-            center_l[min(int(o.cy // PATCH), GRID - 1), min(int(o.cx // PATCH), GRID - 1)] = 1
+            center_l.reshape(-1)[centre_patch(o)] = 1
     nrng = np.random.default_rng(scene.style["noise_seed"])
     arr = np.asarray(img, dtype=np.int16)
     arr = arr + nrng.integers(-9, 10, arr.shape, dtype=np.int16)  # triangular pixel noise, std ~7.7
@@ -324,7 +346,7 @@ def render(scene: Scene, with_labels: bool = False):
     out = np.clip(arr, 0, 255).astype(np.uint8)
     if with_labels:
         # object occupancy of each patch on a 7x7 grid of 2x2-pixel cells: [24, 24, 49]
-        occ = union[32:-32, 32:-32].reshape(GRID, 7, 2, GRID, 7, 2).mean((2, 5))
+        occ = union[_PAD:-_PAD, _PAD:-_PAD].reshape(GRID, 7, 2, GRID, 7, 2).mean((2, 5))
         occ = occ.transpose(0, 2, 1, 3).reshape(GRID, GRID, 49)
         return out, {"shape": shape_l, "color": color_l, "center": center_l, "count": count_l, "occ": occ}
     return out

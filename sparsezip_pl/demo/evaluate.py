@@ -224,6 +224,26 @@ def format_table(columns: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_seeds(model, processor, seeds, root, mme_images: int = 80, pope_images: int = 20) -> dict:
+    """All-token results (``evaluate_world``, answers dropped) on a world per seed, written under ``root``."""
+    from sparsezip_pl.data.synthetic import generate_world
+
+    out = {}
+    for seed in seeds:
+        world = generate_world(Path(root) / f"seed{seed}", seed=seed, n_mme_images=mme_images,
+                               n_pope_images=pope_images, n_instruct=0)
+        results = evaluate_world(model, processor, world)
+        results.pop("answers")
+        out[seed] = results
+    return out
+
+
+def mean_accuracy(results) -> dict:
+    """Per family, the mean accuracy of several ``evaluate_world`` results."""
+    results = list(results)
+    return {fam: {"acc": float(np.mean([r[fam]["acc"] for r in results]))} for fam in FAMILIES}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Accuracy of a synthetic-world LLaVA on worlds of several seeds.")
     parser.add_argument("--model-path", default="checkpoints/tiny-llava-synth")
@@ -237,16 +257,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from sparsezip_pl.data.synthetic import generate_world
-
     model = LlavaForConditionalGeneration.from_pretrained(args.model_path).eval()
     processor = AutoProcessor.from_pretrained(args.model_path)
-    columns = {}
-    for seed in args.seeds:
-        world = generate_world(Path(args.out) / f"seed{seed}", seed=seed, n_mme_images=args.mme_images,
-                               n_pope_images=args.pope_images, n_instruct=0)
-        columns[f"seed {seed}"] = evaluate_world(model, processor, world)
-    columns["mean"] = {fam: {"acc": float(np.mean([c[fam]["acc"] for c in columns.values()]))} for fam in FAMILIES}
+    columns = {f"seed {seed}": results for seed, results in
+               evaluate_seeds(model, processor, args.seeds, args.out, args.mme_images, args.pope_images).items()}
+    columns["mean"] = mean_accuracy(columns.values())
     print(f"{args.model_path}, all 576 visual tokens, {args.mme_images} images per MME subtask, "
           f"{args.pope_images} per POPE split\n")
     print(format_table(columns))

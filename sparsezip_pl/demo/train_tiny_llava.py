@@ -460,9 +460,8 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
         asked.append([_question_shape(turns[0][0]) for turns, _ in items])
         attributes.append([question_attributes(turns[0][0]) for turns, _ in items])
         readouts.append([readout_labels(_question_shape(turns[0][0]), scene.objects) for turns, _ in items])
-        centres.append([(o.shape, S.anchor_patch(o) if args.count_anchor == "cover" else
-                         min(int(o.cy // S.PATCH), S.GRID - 1) * S.GRID + min(int(o.cx // S.PATCH), S.GRID - 1))
-                        for o in scene.objects])
+        anchor = S.anchor_patch if args.count_anchor == "cover" else S.centre_patch
+        centres.append([(o.shape, anchor(o)) for o in scene.objects])
         imgs.append(S.jpeg_roundtrip(arr))
         per_image.append([tz.item(turns) for turns, _ in items])
         fams.append([(fam, turns[0][1] if fam not in ("conversation", "caption", "listing") else None,
@@ -893,9 +892,9 @@ def write_card(out: Path, model, args, info: dict) -> None:
     others = info.get("other_worlds", {})
     other_section = ""
     if others:
-        mean = {f: float(np.mean([r[f]["acc"] for r in others.values()])) for f in E.FAMILIES}
-        low = [f"{f} {mean[f]:.1f}%" for f in E.FAMILIES if mean[f] < 90.0]
-        columns = {**{f"seed {k}": v for k, v in others.items()}, "mean": {f: {"acc": mean[f]} for f in E.FAMILIES}}
+        mean = E.mean_accuracy(others.values())
+        low = [f"{f} {mean[f]['acc']:.1f}%" for f in E.FAMILIES if mean[f]["acc"] < 90.0]
+        columns = {**{f"seed {k}": v for k, v in others.items()}, "mean": mean}
         other_section = f"""
 ### Other worlds
 
@@ -1019,15 +1018,11 @@ def derived_info(args) -> dict:
     return out
 
 
-def other_worlds(out: Path, args) -> dict:
-    """All-token accuracy of the saved model on the worlds of ``--other-seeds`` (written under the workdir)."""
-    columns = E.main(["--model-path", str(out), "--seeds", *args.other_seeds.split(","),
-                      "--mme-images", str(args.eval_mme_images), "--pope-images", "20",
-                      "--out", str(Path(args.workdir) / "other_worlds"), "--threads", str(args.threads)])
-    columns.pop("mean")
-    for results in columns.values():
-        results.pop("answers")
-    return {name.removeprefix("seed "): results for name, results in columns.items()}
+def other_worlds(model, processor, args) -> dict:
+    """All-token results on the worlds of ``--other-seeds`` (written under the workdir), by seed."""
+    seeds = [int(seed) for seed in args.other_seeds.split(",")]
+    results = E.evaluate_seeds(model, processor, seeds, Path(args.workdir) / "other_worlds", args.eval_mme_images)
+    return {str(seed): r for seed, r in results.items()}
 
 
 def overall(results: dict) -> float:
@@ -1049,7 +1044,10 @@ def main(argv=None) -> None:
         info = json.loads((out / "eval_results.json").read_text())
         info.update(derived_info(args))
         if args.other_seeds and "other_worlds" not in info:
-            info["other_worlds"] = other_worlds(out, args)
+            from transformers import AutoProcessor
+
+            info["other_worlds"] = other_worlds(LlavaForConditionalGeneration.from_pretrained(out).eval(),
+                                                AutoProcessor.from_pretrained(out), args)
         (out / "eval_results.json").write_text(json.dumps(info, indent=1, default=float))
         write_card(out, LlavaForConditionalGeneration.from_pretrained(out), args, info)
         info["size_mb"] = dir_size(out) / 1e6
@@ -1142,7 +1140,7 @@ def main(argv=None) -> None:
     }
     info.update(derived_info(args))
     if args.other_seeds:
-        info["other_worlds"] = other_worlds(out, args)
+        info["other_worlds"] = other_worlds(model, processor, args)
     times["eval"] = time.time() - t_eval
     for r in list(results.values()) + [honest, fast_slice]:
         r.pop("answers")
