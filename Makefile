@@ -27,3 +27,4 @@ bench: $(STAMP)
 	$(PY) bench/compressor.py
 	$(PY) bench/e2e.py
 	$(PY) bench/object_coverage.py
+	$(PY) bench/count_attention.py

@@ -172,6 +172,17 @@ def test_object_patches_are_the_patches_the_labels_give_each_object():
     assert sorted(union.tolist()) == np.flatnonzero(labels["shape"].reshape(-1) > 0).tolist()
 
 
+def test_instance_map_gives_each_patch_the_object_its_labels_show():
+    for index in range(6):
+        scene = S.sample_scene(S.rng_for(5, "train", index))
+        _, labels = S.render(scene, with_labels=True)
+        owner = S.instance_map(scene)
+        colours = np.array([S.COLOR_NAMES.index(o.color) + 1 for o in scene.objects])
+        shapes = np.array([S.SHAPES.index(o.shape) + 1 for o in scene.objects])
+        assert np.array_equal(np.where(owner >= 0, shapes[owner], 0), labels["shape"].reshape(-1))
+        assert np.array_equal(np.where(owner >= 0, colours[owner], 0), labels["color"].reshape(-1))
+
+
 def test_object_coverage_bench_layers_config_files_like_the_cli():
     import importlib.util
 

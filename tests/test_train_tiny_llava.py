@@ -65,10 +65,12 @@ def test_readout_labels_are_true_to_the_scene():
     assert T.readout_labels(None, scene.objects) is None
 
 
-def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(processor):
-    """Attention on the asked shape's centre patches in proportion to its count beats any other split."""
+@pytest.mark.parametrize("anchor", ["cover", "spread"])
+def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(processor, anchor):
+    """Attention of COUNT_SHARE per instance of the asked shape (on its anchor patch, or spread over
+    its patches) beats any other split."""
     tz = Tokenized(processor)
-    args = T.parse_args(["--p-conversation", "0"])
+    args = T.parse_args(["--p-conversation", "0", "--count-anchor", anchor])
     stats = S.world_statistics(0, n=200)
     _, packed, fams, _, ground = T.lm_batch(tz, args.seed, 0, 1, args, stats)
     n_text, C = len(tz.prefix), packed[0].shape[2]
@@ -78,14 +80,15 @@ def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(proce
     assert items
 
     def loss_with(share: float) -> float:
-        """Attention logits that put ``share`` on each centre patch of the asked shape."""
+        """Attention logits that put ``share`` on each instance of the asked shape."""
         q = torch.zeros(1, 2, packed[0].shape[1] * C, P)
         k = torch.eye(P)[None, None].expand(1, 2, P, P)
         for j, rc in items:
-            cells = [c for s, c in ground["centres"][0] if s == ground["asked_shapes"][0][j]]
+            mine = [(cells, w) for s, cells, w in ground["count_targets"][0] if s == ground["asked_shapes"][0][j]]
             probs = torch.full((P,), 1e-9)
-            probs[:n_text] = (1 - share * len(cells)) / n_text
-            probs[n_text + torch.tensor(cells, dtype=torch.long)] = share
+            probs[:n_text] = (1 - share * len(mine)) / n_text
+            for cells, w in mine:
+                probs[n_text + torch.from_numpy(cells)] += share * torch.from_numpy(w).float()
             q[0, :, rc[0] * C + rc[1]] = probs.log()
         capture = {"q": q, "k": k, "scale": 1.0}
         return T.counting_loss(capture, packed, fams, ground, None, n_text, C).item()
@@ -93,3 +96,35 @@ def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(proce
     best = loss_with(T.COUNT_SHARE)
     for other in (0.05, 0.1, 0.25, 0.3):
         assert loss_with(other) > best
+
+
+def test_spread_count_targets_weigh_every_visible_object_the_same():
+    """Overlapping objects: each patch goes to the object drawn last, and each object's shares sum to 1."""
+    scene = S.Scene([S.Obj("circle", "red", 100, 100, 60), S.Obj("circle", "blue", 130, 110, 60),
+                     S.Obj("star", "green", 260, 260, 20)], theme=0)
+    targets = T.count_targets(scene, "spread")
+    first, second, star = (set(cells.tolist()) for _, cells, _ in targets)
+    assert first and second and star and not first & second
+    assert second == set(S.object_patches(scene.objects[1]).tolist())  # drawn last: all its patches
+    assert len(first) < len(S.object_patches(scene.objects[0]))  # partly hidden by the second circle
+    for _, cells, share in targets:
+        assert share.sum() == pytest.approx(1.0)
+    cover = T.count_targets(scene, "cover")
+    assert [cells.tolist() for _, cells, _ in cover] == [[S.anchor_patch(o)] for o in scene.objects]
+
+
+def test_count_attention_bench_measures_each_count_question_of_the_shipped_model(processor):
+    import importlib.util
+
+    from transformers import LlavaForConditionalGeneration
+
+    spec = importlib.util.spec_from_file_location("count_attention", CKPT.parents[1] / "bench/count_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = LlavaForConditionalGeneration.from_pretrained(CKPT).eval()
+    rows = bench.measure(model, Tokenized(processor), seed=2, n_images=8)
+    assert len(rows) >= 8  # every scene asks count pairs (--p-count-scene 1)
+    for r in rows:
+        assert 1 <= r["n"] <= S.MAX_PER_SHAPE and r["patches"] >= 1
+        assert 0.0 <= r["anchor"] and r["sink"] + r["shape"] <= 1.0 + 1e-5
+    assert sum(r["right"] for r in rows) > len(rows) / 2  # the shipped model counts better than chance

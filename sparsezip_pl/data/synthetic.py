@@ -242,6 +242,16 @@ def object_patches(o: Obj) -> np.ndarray:
     return np.flatnonzero(_patch_cover(_object_canvas(o)).reshape(-1) >= 0.2)
 
 
+def instance_map(scene: Scene) -> np.ndarray:
+    """[GRID * GRID]: the index in ``scene.objects`` of the object each patch shows (-1 =
+    background), by ``object_patches`` and drawing order (a later object covers an earlier one),
+    as ``render``'s labels assign patches."""
+    out = np.full(GRID * GRID, -1, np.int64)
+    for i, o in enumerate(scene.objects):
+        out[object_patches(o)] = i
+    return out
+
+
 def centre_patch(o: Obj) -> int:
     """Index of the patch holding the object's centre (``render``'s ``center`` label)."""
     return min(int(o.cy // PATCH), GRID - 1) * GRID + min(int(o.cx // PATCH), GRID - 1)

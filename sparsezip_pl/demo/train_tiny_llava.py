@@ -8,7 +8,8 @@ Curriculum (each stage from the previous one's weights, all seeds fixed):
    feature layer (-2) predict, per patch, the shape, colour, object centre, how many objects of
    that shape the image holds, and the patch row/column; the CLS token predicts which shapes and
    shape-colour pairs are present and how many of each (so CLS attention looks at objects, as in
-   a real CLIP). The heads are thrown away afterwards.
+   a real CLIP). The heads are thrown away afterwards. With ``--init-from``, ``--vision-refresh-steps``
+   continues this stage on the loaded tower before the language stage re-adapts.
 3. language: tower frozen; projector + LLaMA LLM learn to answer, with the chat template the
    project's hf backend uses (``processor.apply_chat_template``) and the LLaVA-1.5 short-answer
    suffix on yes/no questions. An image's questions share its visual prefix (exact, see
@@ -76,6 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--vision-steps", type=int, default=100, help="then steps on full images")
     p.add_argument("--vision-batch", type=int, default=16, help="images per step (crop steps: 2 crops each)")
     p.add_argument("--vision-lr", type=float, default=1.5e-3)
+    p.add_argument("--vision-refresh-steps", type=int, default=0,
+                   help="with --init-from: first this many more full-image vision steps on the loaded tower "
+                        "(fresh heads), then the language stage re-adapts to the changed features")
+    p.add_argument("--vision-size-weight", type=float, default=0.0,
+                   help="weight of a per-patch regression of log(patches its object shows) in vision steps")
+    p.add_argument("--vision-count-weight", type=float, default=1.0,
+                   help="weight of the per-patch and CLS count losses in full-image vision steps")
     p.add_argument("--lm-steps", type=int, default=1000)
     p.add_argument("--lm-batch", type=int, default=8, help="images per step (~11 questions each)")
     p.add_argument("--lm-lr", type=float, default=1.5e-3)
@@ -92,10 +100,10 @@ def parse_args(argv=None):
                    help="weight of the grounding loss: the answer position's last-layer head 0 attends to the asked shape")
     p.add_argument("--count-grounding-weight", type=float, default=0.0,
                    help="weight of the counting loss: last-layer head 1 at a yes/no answer puts 0.2 of its "
-                        "attention on one patch of each instance of the asked shape, the rest on the text prefix")
-    p.add_argument("--count-anchor", choices=("centre", "cover"), default="centre",
-                   help="the counting loss's patch per instance: the one holding its centre (a hole for rings and "
-                        "moons) or the one its pixels cover most")
+                        "attention on each instance of the asked shape, the rest on the text prefix")
+    p.add_argument("--count-anchor", choices=("centre", "cover", "spread"), default="centre",
+                   help="where the counting loss puts an instance's share: on the patch holding its centre (a hole "
+                        "for rings and moons), on the one its pixels cover most, or spread evenly over its patches")
     p.add_argument("--route-weight", type=float, default=0.0,
                    help="weight of the routing loss: linear probes on the last LLM layer's input at a yes/no answer "
                         "must read the asked shape, colour, side and number (so the question reaches the answer)")
@@ -219,7 +227,7 @@ def save_state(path: Path, **state) -> None:
 class VisionHeads(nn.Module):
     """Temporary dense heads on the feature layer (patches) and CLS."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, size: bool = False):
         super().__init__()
         ns, nc = len(S.SHAPES), len(S.COLOR_NAMES)
         self.shape = nn.Linear(width, ns + 1)
@@ -232,6 +240,8 @@ class VisionHeads(nn.Module):
         self.cls_present = nn.Linear(width, ns)
         self.cls_pair = nn.Linear(width, ns * nc)
         self.cls_count = nn.Linear(width, ns * (S.MAX_PER_SHAPE + 1))
+        if size:  # created only when used, so earlier runs' random draws stay as they were
+            self.size = nn.Linear(width, 1)
 
 
 WINDOW = 12  # crop phase: 12x12-patch windows (168 px), a quarter of the image
@@ -239,7 +249,7 @@ WINDOW = 12  # crop phase: 12x12-patch windows (168 px), a quarter of the image
 
 def vision_batch(seed: int, start: int, n: int):
     """Rendered (JPEG round-tripped) training images with dense labels."""
-    imgs, lab = [], {k: [] for k in ("shape", "color", "center", "count", "occ")}
+    imgs, lab = [], {k: [] for k in ("shape", "color", "center", "count", "occ", "size")}
     present, pairs, counts = [], [], []
     ns, nc = len(S.SHAPES), len(S.COLOR_NAMES)
     for i in range(start, start + n):
@@ -247,6 +257,9 @@ def vision_batch(seed: int, start: int, n: int):
         force = (S.SHAPES[int(rng.integers(ns))], int(rng.integers(1, 4))) if rng.random() < 0.4 else None
         scene = S.sample_scene(rng, force)
         arr, labels = S.render(scene, with_labels=True)
+        owner = S.instance_map(scene)
+        area = np.bincount(owner[owner >= 0], minlength=len(scene.objects)).astype(np.float32)
+        labels["size"] = np.where(owner >= 0, np.log(np.maximum(area[owner], 1.0)), 0.0).reshape(S.GRID, S.GRID)
         imgs.append(S.jpeg_roundtrip(arr))
         for k in lab:
             lab[k].append(labels[k])
@@ -270,7 +283,7 @@ def vision_batch(seed: int, start: int, n: int):
 def crop_batch(px, y, rng: np.random.Generator, crops_per_image: int = 2):
     """Random 12x12-patch windows of each image, with their patch labels and grid indices."""
     P = S.PATCH
-    xs, ys, idx = [], {k: [] for k in ("shape", "color", "center", "occ")}, []
+    xs, ys, idx = [], {k: [] for k in ("shape", "color", "center", "occ", "size")}, []
     for i in range(px.shape[0]):
         for _ in range(crops_per_image):
             r0, c0 = (int(v) for v in rng.integers(0, S.GRID - WINDOW + 1, 2))
@@ -296,8 +309,12 @@ def tower_window(model, px_crop, grid_idx):
     return h
 
 
-def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None):
-    """Dense losses; full images (all heads) or crops (``grid_idx``: patch heads + crop presence)."""
+def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None, count_weight: float = 1.0,
+                  size_weight: float = 0.0):
+    """Dense losses; full images (all heads) or crops (``grid_idx``: patch heads + crop presence).
+
+    Counts are trained on full images only: a crop cannot see how many objects the scene holds.
+    """
     full = grid_idx is None
     h = (tower_features(model, px, with_cls=True) if full else tower_window(model, px, grid_idx)).float()
     cls, p = h[:, 0], h[:, 1:]
@@ -318,13 +335,17 @@ def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None):
         "rowcol": 0.2 * (F.cross_entropy(heads.row(p).flatten(0, 1), (grid_idx // S.GRID).flatten())
                          + F.cross_entropy(heads.col(p).flatten(0, 1), (grid_idx % S.GRID).flatten())),
     }
+    if size_weight > 0:
+        size = y["size"].flatten(1, 2).float()
+        losses["size"] = size_weight * (((heads.size(p)[..., 0] - size) ** 2) * obj).sum() / obj.sum().clamp(min=1)
     if full:
         count = y["count"].flatten(1)
-        losses["count"] = ce(heads.count(p), count)
+        losses["count"] = count_weight * ce(heads.count(p), count)
         losses["cls"] = (F.binary_cross_entropy_with_logits(heads.cls_present(cls), y["present"])
                          + F.binary_cross_entropy_with_logits(heads.cls_pair(cls), y["pair"])
-                         + F.cross_entropy(heads.cls_count(cls).view(-1, ns, S.MAX_PER_SHAPE + 1).flatten(0, 1),
-                                           y["cls_count"].clamp(max=S.MAX_PER_SHAPE).flatten()))
+                         + count_weight * F.cross_entropy(
+                             heads.cls_count(cls).view(-1, ns, S.MAX_PER_SHAPE + 1).flatten(0, 1),
+                             y["cls_count"].clamp(max=S.MAX_PER_SHAPE).flatten()))
     else:  # CLS of a crop: which shapes have patches inside it
         present = torch.zeros(px.shape[0], ns + 1).scatter_(1, ys["shape"], 1.0)[:, 1:]
         losses["cls"] = F.binary_cross_entropy_with_logits(heads.cls_present(cls), present)
@@ -334,20 +355,27 @@ def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None):
             "shape": (heads.shape(p).argmax(-1)[on] == ys["shape"][on]).float().mean().item(),
             "color": (heads.color(p).argmax(-1)[on] == ys["color"][on]).float().mean().item(),
         }
+        if size_weight > 0:
+            acc["size_abs_err"] = (heads.size(p)[..., 0] - y["size"].flatten(1, 2))[on].abs().mean().item()
         if full:
             acc["count"] = (heads.count(p).argmax(-1)[on] == count[on]).float().mean().item()
             acc["present"] = ((heads.cls_present(cls) > 0).float() == y["present"]).float().mean().item()
     return losses, acc
 
 
-def train_vision(model, args, state_path: Path, state: dict | None):
-    """Crop phase (cheap: 144-patch windows) then full-image phase (counts and CLS need the whole image)."""
-    heads = VisionHeads(args.vision_width)
+def train_vision(model, args, state_path: Path, state: dict | None, crop_steps: int, full_steps: int,
+                 data_offset: int = 0, stage: str = "vision", carry: dict | None = None):
+    """Crop phase (cheap: 144-patch windows) then full-image phase (counts and CLS need the whole image).
+
+    ``data_offset`` shifts the training images so a refresh of a trained tower sees new scenes;
+    ``stage`` names the saved state and ``carry`` is saved along with it (times of earlier stages).
+    """
+    heads = VisionHeads(args.vision_width, size=args.vision_size_weight > 0)
     prior = 0.0
     params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.05, betas=(0.9, 0.98))
     start = 0
-    if state and state.get("stage") == "vision":
+    if state and state.get("stage") == stage and state.get("heads") is not None:
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
@@ -355,18 +383,18 @@ def train_vision(model, args, state_path: Path, state: dict | None):
         log(f"vision: resumed at step {start}")
     model.train()
     eval_px, eval_y = vision_batch(args.eval_seed + 1000, 0, 32)
-    total = args.vision_crop_steps + args.vision_steps
+    total = crop_steps + full_steps
     t_start = time.time()
     for step in range(start, total):
         for g in opt.param_groups:
-            g["lr"] = args.vision_lr * cosine(step, total, 60)
-        crop = step < args.vision_crop_steps
-        px, y = vision_batch(args.seed, step * args.vision_batch, args.vision_batch)
+            g["lr"] = args.vision_lr * cosine(step, total, min(60, total // 10))
+        crop = step < crop_steps
+        px, y = vision_batch(args.seed, data_offset + step * args.vision_batch, args.vision_batch)
         idx = None
         if crop:
             px, y, idx = crop_batch(px, y, np.random.default_rng([args.seed, step]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            losses, acc = vision_losses(model, heads, px, y, idx)
+            losses, acc = vision_losses(model, heads, px, y, idx, args.vision_count_weight, args.vision_size_weight)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -381,11 +409,12 @@ def train_vision(model, args, state_path: Path, state: dict | None):
         if (step + 1) % 100 == 0 or step == total - 1:
             model.eval()
             with torch.no_grad():
-                _, acc = vision_losses(model, heads, eval_px, eval_y)
+                _, acc = vision_losses(model, heads, eval_px, eval_y, size_weight=args.vision_size_weight)
             model.train()
             log("vision held-out patch/CLS accuracy: " + " ".join(f"{k}={v:.3f}" for k, v in acc.items()))
-            save_state(state_path, stage="vision", step=step + 1, model=model.state_dict(),
-                       heads=heads.state_dict(), opt=opt.state_dict(), elapsed=prior + time.time() - t_start)
+            save_state(state_path, stage=stage, step=step + 1, model=model.state_dict(),
+                       heads=heads.state_dict(), opt=opt.state_dict(), elapsed=prior + time.time() - t_start,
+                       **(carry or {}))
     return prior + time.time() - t_start
 
 
@@ -442,6 +471,21 @@ def _listing(words) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
+def count_targets(scene, anchor: str) -> list:
+    """Per object: (shape, patches, share of the object's counting mass on each) for ``--count-anchor``
+    -- one patch (``centre``: the one holding its centre, ``cover``: ``synthetic.anchor_patch``), or
+    ``spread`` evenly over every patch it shows, so a big and a small object weigh the same."""
+    if anchor != "spread":
+        pick = S.anchor_patch if anchor == "cover" else S.centre_patch
+        return [(o.shape, np.array([pick(o)]), np.ones(1)) for o in scene.objects]
+    owner = S.instance_map(scene)
+    out = []
+    for i, o in enumerate(scene.objects):
+        cells = np.flatnonzero(owner == i)
+        out.append((o.shape, cells, np.full(len(cells), 1.0 / max(len(cells), 1))))
+    return out
+
+
 def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose: str = "train", n_keep=None):
     """Images (normalized), packed item rows and per-item (family, answer) for images start..start+n.
 
@@ -449,7 +493,7 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
     patch an object touches plus random background patches, ``max(n_keep, most object patches)``
     in all, in their original order.
     """
-    imgs, per_image, fams, objects, shape_maps, centres, asked, attributes, readouts, centre_maps = ([] for _ in range(10))
+    imgs, per_image, fams, objects, shape_maps, per_object_targets, asked, attributes, readouts, centre_maps = ([] for _ in range(10))
     for i in range(start, start + n):
         rng = S.rng_for(seed, purpose, 1_000_000 + i)
         scene, items = training_items(rng, args, stats)
@@ -460,8 +504,7 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
         asked.append([_question_shape(turns[0][0]) for turns, _ in items])
         attributes.append([question_attributes(turns[0][0]) for turns, _ in items])
         readouts.append([readout_labels(_question_shape(turns[0][0]), scene.objects) for turns, _ in items])
-        anchor = S.anchor_patch if args.count_anchor == "cover" else S.centre_patch
-        centres.append([(o.shape, anchor(o)) for o in scene.objects])
+        per_object_targets.append(count_targets(scene, args.count_anchor))
         imgs.append(S.jpeg_roundtrip(arr))
         per_image.append([tz.item(turns) for turns, _ in items])
         fams.append([(fam, turns[0][1] if fam not in ("conversation", "caption", "listing") else None,
@@ -477,7 +520,7 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
             rest = np.setdiff1d(np.arange(576), obj)
             keep.append(np.sort(np.concatenate([obj, g.choice(rest, k - len(obj), replace=False)])))
         keep = torch.from_numpy(np.stack(keep))
-    ground = {"shape_maps": torch.from_numpy(np.stack(shape_maps)), "centres": centres,
+    ground = {"shape_maps": torch.from_numpy(np.stack(shape_maps)), "count_targets": per_object_targets,
               "centre_maps": torch.from_numpy(np.stack(centre_maps)), "asked_shapes": asked,
               "attributes": attributes, "readout": readouts}
     return px, packed, fams, keep, ground
@@ -705,25 +748,32 @@ COUNT_SHARE = 0.2  # attention share per counted instance (at most MAX_PER_SHAPE
 
 def counting_loss(capture, packed, fams, ground, keep, n_text: int, C: int, head: int = 1):
     """Counting supervision: in the last layer, head ``head`` of a yes/no answer position puts
-    ``COUNT_SHARE`` of its attention on one patch (``--count-anchor``) of each instance of the asked shape and the
+    ``COUNT_SHARE`` of its attention on each instance of the asked shape (``count_targets``) and the
     rest on the text prefix (the sink), so its output moves linearly with the number of instances.
     Cross-entropy between that target distribution and the head's attention, averaged."""
     q, k, scale = capture["q"][:, head].float(), capture["k"][:, head].float(), capture["scale"]
     terms = []
     for b, (firsts, fam_list) in enumerate(zip(packed[4], fams)):
-        centres = ground["centres"][b]
+        targets = ground["count_targets"][b]
+        position = None
+        if keep is not None:  # grid cell -> index among the kept visual tokens (-1: dropped)
+            position = torch.full((S.GRID * S.GRID,), -1, dtype=torch.long)
+            position[keep[b]] = torch.arange(keep.shape[1])
         for rc, (fam, ans, _), shape in zip(firsts, fam_list, ground["asked_shapes"][b]):
             if rc is None or ans not in YES_NO or shape is None:
                 continue
-            cells = [c for s_, c in centres if s_ == shape]
-            if keep is not None:
-                kept = keep[b].tolist()
-                cells = [kept.index(c) for c in cells if c in kept]
+            mine = [(cells, share) for s_, cells, share in targets if s_ == shape]
+            cells = torch.from_numpy(np.concatenate([c for c, _ in mine])) if mine else torch.zeros(0, dtype=torch.long)
+            share = torch.from_numpy(np.concatenate([w for _, w in mine])).float() if mine else torch.zeros(0)
+            if position is not None:
+                cells = position[cells]
+                share, cells = share[cells >= 0], cells[cells >= 0]
+            share = COUNT_SHARE * share
             logp = torch.log_softmax((q[b, rc[0] * C + rc[1]] @ k[b].T) * scale, -1)
             sink = torch.logsumexp(logp[:n_text], 0)
-            term = -(1 - COUNT_SHARE * len(cells)) * sink
-            if cells:
-                term = term - COUNT_SHARE * logp[n_text:][torch.tensor(cells)].sum()
+            term = -(1 - share.sum()) * sink
+            if len(cells):
+                term = term - (share * logp[n_text:][cells]).sum()
             terms.append(term)
     return torch.stack(terms).mean() if terms else q.sum() * 0.0
 
@@ -833,6 +883,12 @@ def dir_size(path: Path) -> int:
 
 
 def write_card(out: Path, model, args, info: dict) -> None:
+    refresh = ""
+    if args.vision_refresh_steps:
+        refresh = (f"\n   Then, on the --init-from tower, {args.vision_refresh_steps} more full-image steps on new images "
+                   f"(fresh heads, lr {args.vision_lr}; count losses x{args.vision_count_weight}"
+                   + (f", plus a per-patch regression of log(patches its object shows), x{args.vision_size_weight}"
+                      if args.vision_size_weight else "") + ").")
     c = model.config
     v, t = c.vision_config, c.text_config
     pc = info["params"]
@@ -857,11 +913,13 @@ def write_card(out: Path, model, args, info: dict) -> None:
             caption += ("In this run colour and position questions are grounded on all patches of the asked shape "
                         "(the attribute is compared after attention, see the readout loss). ")
     if args.count_grounding_weight > 0:
+        where = {"centre": "on the patch holding its centre",
+                 "cover": "on the patch the instance covers most, never a ring's hole",
+                 "spread": "spread evenly over the patches the instance shows, so a big and a small instance "
+                           "weigh the same"}[args.count_anchor]
         caption += (f"A counting loss (weight {args.count_grounding_weight}): head 1 of the last layer puts "
-                    f"{COUNT_SHARE} of its attention on one patch of each instance of the asked shape ("
-                    + ("the patch the instance covers most, never a ring's hole" if args.count_anchor == "cover"
-                       else "the patch holding its centre") +
-                    ") and the rest on the text prefix, so its output moves with the number of instances. ")
+                    f"{COUNT_SHARE} of its attention on each instance of the asked shape ({where}) and the rest "
+                    f"on the text prefix, so its output moves with the number of instances. ")
     if args.route_weight > 0 or args.readout_weight > 0 or args.keep_weight > 0:
         caption += ("Linear probes, thrown away after training, add losses that keep the information each step "
                     "of the answer needs where the next step can read it: ")
@@ -963,7 +1021,7 @@ Command (run from the repository root, {args.threads} CPU thread{'s' if args.thr
    per step -- a quarter of the tokens per crop, so much cheaper steps -- then {args.vision_steps} steps on full images,
    {args.vision_batch} per step; AdamW lr {args.vision_lr}, warm-up + cosine): dense heads on the feature layer
    (shape, colour, centre, per-shape count, row/column per patch; shapes, shape-colour pairs and
-   counts from CLS; on crops only the patch heads and which shapes the crop holds).
+   counts from CLS; on crops only the patch heads and which shapes the crop holds).{refresh}
    {info['time']['vision'] / 60:.1f} min.
 2. Language ({args.lm_steps} steps x {args.lm_batch} images, {info['items_per_image']:.1f} items per image on average,
    AdamW lr {args.lm_lr}, {args.lm_warmup} warm-up steps + cosine; tower frozen; projector + LLM trained;
@@ -1073,15 +1131,23 @@ def main(argv=None) -> None:
         model.load_state_dict(init["model"])
         times["vision"] = init.get("vision_time", 0.0)
         times["earlier_attempt"] = init.get("elapsed", 0.0) + init.get("earlier_attempt", 0.0)
-        state = {"stage": "language", "step": 0, "opt": None, "model": init["model"],
-                 "vision_time": times["vision"], "earlier_attempt": times["earlier_attempt"]}
+        state = {"stage": "vision-refresh" if args.vision_refresh_steps else "language", "step": 0, "opt": None,
+                 "model": init["model"], "vision_time": times["vision"], "earlier_attempt": times["earlier_attempt"]}
         log(f"initialized from {args.init_from} (stage {init['stage']}, step {init['step']})")
     if state:
         model.load_state_dict(state["model"])
         times["vision"] = state.get("vision_time", 0.0)
         times["earlier_attempt"] = state.get("earlier_attempt", 0.0)
-    if not state or state["stage"] == "vision":
-        times["vision"] = train_vision(model, args, state_path, state)
+    if state and state["stage"] == "vision-refresh":
+        # the original run trained on vision images 0 .. (crop + full steps) x batch; refresh on later ones
+        offset = (args.vision_crop_steps + args.vision_steps) * args.vision_batch
+        times["vision"] += train_vision(model, args, state_path, state, 0, args.vision_refresh_steps, offset,
+                                        stage="vision-refresh", carry={"vision_time": times["vision"],
+                                                                       "earlier_attempt": times["earlier_attempt"]})
+        state = {"stage": "language", "step": 0, "opt": None, "model": model.state_dict(),
+                 "vision_time": times["vision"], "earlier_attempt": times["earlier_attempt"]}
+    elif not state or state["stage"] == "vision":
+        times["vision"] = train_vision(model, args, state_path, state, args.vision_crop_steps, args.vision_steps)
         state = None
     model.model.vision_tower.requires_grad_(False)
     times["language"] = train_lm(model, tz, args, stats, state_path, state, times["vision"])
