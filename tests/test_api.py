@@ -6,6 +6,7 @@ import torch
 from sparsezip_pl.api import build_config, sparsezip, unwrap
 from sparsezip_pl.compress import SparseZipConfig
 from sparsezip_pl.models import CompressedLlava, load_backend
+from sparsezip_pl.models.llava_original import cache_kwarg_compat
 from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
 
 
@@ -68,7 +69,8 @@ def test_wrapped_method_none_equals_stock_generate(backend):
     stock_inputs = dict(inputs)
     if backend.family == "llava":
         stock_inputs = {"inputs": inputs["input_ids"], "images": inputs["images"]}
-    stock = backend.model.generate(**stock_inputs, max_new_tokens=6, do_sample=False)
+    with cache_kwarg_compat(backend.model):  # the original code's generate needs it on transformers >= 5.24
+        stock = backend.model.generate(**stock_inputs, max_new_tokens=6, do_sample=False)
     wrapped = sparsezip(backend.model, method="none")
     assert torch.equal(wrapped.generate(**inputs, max_new_tokens=6), stock)
 

@@ -5,6 +5,7 @@ import torch
 
 from sparsezip_pl.compress import SparseZipConfig
 from sparsezip_pl.models import CompressedLlava, load_backend
+from sparsezip_pl.models.llava_original import cache_kwarg_compat
 from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
 
 FAMILIES = ["hf", "llava"]
@@ -50,10 +51,12 @@ def _stock_new_tokens(backend, inputs, max_new_tokens):
     if backend.family == "hf":
         out = backend.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         return out[:, inputs["input_ids"].shape[1] :]
-    # The original generate takes the ids as ``inputs`` and returns only the new tokens.
-    return backend.model.generate(
-        inputs["input_ids"], images=inputs["images"], max_new_tokens=max_new_tokens, do_sample=False
-    )
+    # The original generate takes the ids as ``inputs`` and returns only the new tokens. Under
+    # transformers >= 5.24 it needs the keyword shim the backend itself uses (see cache_kwarg_compat).
+    with cache_kwarg_compat(backend.model):
+        return backend.model.generate(
+            inputs["input_ids"], images=inputs["images"], max_new_tokens=max_new_tokens, do_sample=False
+        )
 
 
 def test_method_none_equals_the_stock_model(backend_576):
@@ -197,3 +200,22 @@ def test_no_hooks_are_left_behind(backend, monkeypatch):
     with pytest.raises(RuntimeError, match="compressor failed"):
         model(batch)
     assert _hook_count(model) == before
+
+
+def test_cache_kwarg_compat_renames_only_inside_the_context():
+    class OldSignature(torch.nn.Module):  # like the original code's forward: no ``cache`` keyword
+        def forward(self, x, past_key_values=None):
+            return past_key_values
+
+    class NewSignature(torch.nn.Module):
+        def forward(self, x, cache=None):
+            return cache
+
+    old, new = OldSignature(), NewSignature()
+    with cache_kwarg_compat(old):
+        assert old(1, cache="kv") == "kv"
+    assert not old._forward_pre_hooks
+    with pytest.raises(TypeError, match="cache"):
+        old(1, cache="kv")
+    with cache_kwarg_compat(new):
+        assert not new._forward_pre_hooks and new(1, cache="kv") == "kv"

@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +36,36 @@ def _import_llava():
             "the 'llava' backend needs the original LLaVA code: pip install llava-torch --no-deps accelerate"
         ) from error
     return LlavaConfig, LlavaLlamaForCausalLM
+
+
+@contextlib.contextmanager
+def cache_kwarg_compat(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Let the original code's ``forward`` run under transformers' generation loop of any 5.x.
+
+    From transformers 5.24 the generation loop passes the KV cache as ``cache=``, while the original
+    ``LlavaLlamaForCausalLM.forward`` only knows ``past_key_values=`` (so even its own ``generate``
+    fails with "unexpected keyword argument 'cache'"). Inside this context a forward pre-hook renames
+    the keyword for ``model``; the hook is removed on exit, so the model is left as it was. With a
+    ``forward`` that accepts ``cache`` the context does nothing.
+    """
+    if "cache" in inspect.signature(model.forward).parameters:
+        yield model
+        return
+
+    def rename_cache(module, args, kwargs):
+        if "cache" in kwargs:
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        return args, kwargs
+
+    handle = model.register_forward_pre_hook(rename_cache, with_kwargs=True)
+    try:
+        with warnings.catch_warnings():
+            # The original code passes ``past_key_values`` to transformers, which now warns about it
+            # on every call; nothing a user can act on.
+            warnings.filterwarnings("ignore", message=r".*`past_key_values`.*", category=FutureWarning)
+            yield model
+    finally:
+        handle.remove()
 
 
 class OriginalLlavaBackend(LlavaBackend):
@@ -121,6 +155,14 @@ class OriginalLlavaBackend(LlavaBackend):
     @property
     def image_aspect_ratio(self) -> str:
         return getattr(self.model.config, "image_aspect_ratio", "square")
+
+    def language_model(self, *args, **kwargs):
+        with cache_kwarg_compat(self.model):
+            return super().language_model(*args, **kwargs)
+
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        with cache_kwarg_compat(self.model):
+            return super().generate(inputs_embeds, attention_mask, **kwargs)
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:
