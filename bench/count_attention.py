@@ -1,6 +1,7 @@
 """Where the tiny LLaVA's counting head looks, against the synthetic world's ground truth.
 
     python bench/count_attention.py                       # the shipped model, 240 scenes of seed 2
+    python bench/count_attention.py --head 2              # another head (--count-heads in training)
 
 The training script's counting loss (``train_tiny_llava.counting_loss``) asks head 1 of the last
 LLM layer, at a yes/no answer, to put 0.2 of its attention on each instance of the asked shape and
@@ -24,10 +25,7 @@ from sparsezip_pl.data import synthetic as S
 from sparsezip_pl.demo import train_tiny_llava as T
 from sparsezip_pl.demo.tiny_llava import Tokenized, shared_prefix_hidden, tower_features
 
-COUNTING_HEAD = 1  # the head counting_loss supervises
-
-
-def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8) -> list[dict]:
+def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8, head: int = 1) -> list[dict]:
     """One row per count question: true count, right or wrong, attention masses, shape patches."""
     args = T.parse_args(["--count-anchor", "cover", "--p-conversation", "0", "--p-caption", "0",
                          "--p-listing", "0", "--p-count-scene", "1.0"])
@@ -45,7 +43,7 @@ def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8) -> l
             prefix = torch.cat([embed(torch.tensor([tz.prefix])).expand(px.shape[0], -1, -1), img], 1)
             capture: dict = {}
             hidden = shared_prefix_hidden(model, prefix, embed(ids), pos, seg, None, capture)
-            q, k = capture["q"][:, COUNTING_HEAD].float(), capture["k"][:, COUNTING_HEAD].float()
+            q, k = capture["q"][:, head].float(), capture["k"][:, head].float()
             for b, (firsts, fam_list) in enumerate(zip(answer_at, fams)):
                 shapes = ground["shape_maps"][b] // 16
                 for rc, (fam, ans, _), shape in zip(firsts, fam_list, ground["asked_shapes"][b]):
@@ -89,6 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--checkpoint", default="checkpoints/tiny-llava-synth")
     p.add_argument("--seed", type=int, default=2, help="world seed of the scenes (unseen in training: not 0)")
     p.add_argument("--images", type=int, default=240)
+    p.add_argument("--head", type=int, default=1, help="last-layer head to read (training's default counting head: 1)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,9 +95,9 @@ def main(argv=None) -> None:
 
     model = LlavaForConditionalGeneration.from_pretrained(args.checkpoint).eval()
     tz = Tokenized(AutoProcessor.from_pretrained(args.checkpoint))
-    print(f"{args.checkpoint}: count questions on {args.images} scenes of seed {args.seed}, head {COUNTING_HEAD} "
+    print(f"{args.checkpoint}: count questions on {args.images} scenes of seed {args.seed}, head {args.head} "
           f"of the last LLM layer\n")
-    report(measure(model, tz, args.seed, args.images))
+    report(measure(model, tz, args.seed, args.images, head=args.head))
 
 
 if __name__ == "__main__":

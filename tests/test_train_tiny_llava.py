@@ -98,6 +98,36 @@ def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(proce
         assert loss_with(other) > best
 
 
+def test_counting_loss_reads_the_head_it_is_given(processor):
+    """Only the named head's attention counts: the optimum in head 2 scores best for head=2 alone."""
+    tz = Tokenized(processor)
+    args = T.parse_args(["--p-conversation", "0", "--count-anchor", "cover"])
+    stats = S.world_statistics(0, n=200)
+    _, packed, fams, _, ground = T.lm_batch(tz, args.seed, 0, 1, args, stats)
+    n_text, C = len(tz.prefix), packed[0].shape[2]
+    P = n_text + 576
+    q = torch.zeros(1, 3, packed[0].shape[1] * C, P)  # heads 0 and 1: uniform attention
+    for rc, (_, ans, _), shape in zip(packed[4][0], fams[0], ground["asked_shapes"][0]):
+        if rc is None or ans not in T.YES_NO or shape is None:
+            continue
+        mine = [cells for s, cells, _ in ground["count_targets"][0] if s == shape]
+        probs = torch.full((P,), 1e-9)
+        probs[:n_text] = (1 - T.COUNT_SHARE * len(mine)) / n_text
+        for cells in mine:
+            probs[n_text + torch.from_numpy(cells)] += T.COUNT_SHARE
+        q[0, 2, rc[0] * C + rc[1]] = probs.log()
+    capture = {"q": q, "k": torch.eye(P)[None, None].expand(1, 3, P, P), "scale": 1.0}
+    by_head = [T.counting_loss(capture, packed, fams, ground, None, n_text, C, h).item() for h in range(3)]
+    assert by_head[2] < by_head[1] and by_head[0] == by_head[1]
+
+
+def test_count_heads_option_is_validated():
+    assert T.parse_args(["--count-heads", "1,2,3"]).count_heads == (1, 2, 3)
+    for bad in ("1,1", "a", "-1", "6"):  # the default LLM has heads 0..5
+        with pytest.raises(SystemExit):
+            T.parse_args(["--count-heads", bad])
+
+
 def test_spread_count_targets_weigh_every_visible_object_the_same():
     """Overlapping objects: each patch goes to the object drawn last, and each object's shares sum to 1."""
     scene = S.Scene([S.Obj("circle", "red", 100, 100, 60), S.Obj("circle", "blue", 130, 110, 60),

@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--count-anchor", choices=("centre", "cover", "spread"), default="centre",
                    help="where the counting loss puts an instance's share: on the patch holding its centre (a hole "
                         "for rings and moons), on the one its pixels cover most, or spread evenly over its patches")
+    p.add_argument("--count-heads", type=head_list, default=(1,),
+                   help="comma-separated last-layer heads the counting loss trains, each on its own (averaged); "
+                        "head 0 is the grounding loss's")
     p.add_argument("--route-weight", type=float, default=0.0,
                    help="weight of the routing loss: linear probes on the last LLM layer's input at a yes/no answer "
                         "must read the asked shape, colour, side and number (so the question reaches the answer)")
@@ -137,7 +140,21 @@ def parse_args(argv=None):
     p.add_argument("--history", default="", help="markdown file: how the --init-from weights were made (commands)")
     p.add_argument("--card-only", type=int, default=0,
                    help="rewrite MODEL_CARD.md from OUT/eval_results.json (written by a finished run)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if max(args.count_heads) >= args.lm_heads:
+        p.error(f"--count-heads {','.join(map(str, args.count_heads))}: the LLM has heads 0..{args.lm_heads - 1}")
+    return args
+
+
+def head_list(text: str) -> tuple[int, ...]:
+    """``"1,2,3"`` -> ``(1, 2, 3)``: distinct, non-negative attention-head indices."""
+    try:
+        heads = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated head indices, got {text!r}") from None
+    if min(heads) < 0 or len(set(heads)) != len(heads):
+        raise argparse.ArgumentTypeError(f"head indices must be distinct and >= 0, got {text!r}")
+    return heads
 
 
 # ----------------------------------------------------------------------------- model
@@ -558,7 +575,7 @@ def _asked_target(question: str, scene):
 def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=None, aux_weight: float = 0.0,
                count_weight: float = 0.0, family_weights: dict | None = None, route=None, route_weight: float = 0.0,
                parts: dict | None = None, readout_weight: float = 0.0, shape_only: bool = False,
-               keep_weight: float = 0.0):
+               keep_weight: float = 0.0, count_heads: tuple[int, ...] = (1,)):
     ids, pos, seg, labels, answer_at = packed
     with torch.no_grad():
         feats = tower_features(model, px)
@@ -589,7 +606,8 @@ def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=No
         terms["ground"] = aux_weight * grounding_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2],
                                                       shape_only)
     if count_weight > 0:
-        terms["count"] = count_weight * counting_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2])
+        terms["count"] = count_weight * sum(counting_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2], h)
+                                            for h in count_heads) / len(count_heads)
     if route_weight > 0:
         terms["route"] = route_weight * routing_loss(route, capture, packed, fams, ground, ids.shape[2])
     if readout_weight > 0:
@@ -851,7 +869,8 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
             loss, hidden = lm_forward(model, tz, px, packed, keep, fams, ground, args.grounding_weight,
                                       args.count_grounding_weight, family_weights, route, args.route_weight, parts,
-                                      args.readout_weight, bool(args.ground_shape_only), args.keep_weight)
+                                      args.readout_weight, bool(args.ground_shape_only), args.keep_weight,
+                                      args.count_heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -917,7 +936,9 @@ def write_card(out: Path, model, args, info: dict) -> None:
                  "cover": "on the patch the instance covers most, never a ring's hole",
                  "spread": "spread evenly over the patches the instance shows, so a big and a small instance "
                            "weigh the same"}[args.count_anchor]
-        caption += (f"A counting loss (weight {args.count_grounding_weight}): head 1 of the last layer puts "
+        heads = [str(h) for h in args.count_heads]
+        who = f"head {heads[0]}" if len(heads) == 1 else f"each of heads {', '.join(heads)}"
+        caption += (f"A counting loss (weight {args.count_grounding_weight}): {who} of the last layer puts "
                     f"{COUNT_SHARE} of its attention on each instance of the asked shape ({where}) and the rest "
                     f"on the text prefix, so its output moves with the number of instances. ")
     if args.route_weight > 0 or args.readout_weight > 0 or args.keep_weight > 0:
