@@ -121,6 +121,18 @@ def test_counting_loss_reads_the_head_it_is_given(processor):
     assert by_head[2] < by_head[1] and by_head[0] == by_head[1]
 
 
+def test_anchor_centre_label_marks_one_patch_per_object_where_the_counting_loss_points():
+    _, centre = T.vision_batch(0, 0, 4)
+    _, anchor = T.vision_batch(0, 0, 4, centre_label="anchor")
+    assert torch.equal(centre["shape"], anchor["shape"]) and not torch.equal(centre["center"], anchor["center"])
+    for i in range(4):
+        rng = S.rng_for(0, "train", i)
+        force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], int(rng.integers(1, 4))) if rng.random() < 0.4 else None
+        scene = S.sample_scene(rng, force)
+        marked = set(torch.nonzero(anchor["center"][i].flatten()).flatten().tolist())
+        assert marked == {int(cells[0]) for _, cells, _ in T.count_targets(scene, "cover")}
+
+
 def test_count_heads_option_is_validated():
     assert T.parse_args(["--count-heads", "1,2,3"]).count_heads == (1, 2, 3)
     for bad in ("1,1", "a", "-1", "6"):  # the default LLM has heads 0..5

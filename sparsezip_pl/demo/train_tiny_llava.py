@@ -84,6 +84,10 @@ def parse_args(argv=None):
                    help="weight of a per-patch regression of log(patches its object shows) in vision steps")
     p.add_argument("--vision-count-weight", type=float, default=1.0,
                    help="weight of the per-patch and CLS count losses in full-image vision steps")
+    p.add_argument("--vision-centre-label", choices=("centre", "anchor"), default="centre",
+                   help="the tower's per-patch centre label marks the patch holding each object's centre, or its "
+                        "anchor patch (the one its pixels cover most, where --count-anchor cover points)")
+    p.add_argument("--vision-centre-weight", type=float, default=1.0, help="weight of that label's loss")
     p.add_argument("--lm-steps", type=int, default=1000)
     p.add_argument("--lm-batch", type=int, default=8, help="images per step (~11 questions each)")
     p.add_argument("--lm-lr", type=float, default=1.5e-3)
@@ -264,8 +268,9 @@ class VisionHeads(nn.Module):
 WINDOW = 12  # crop phase: 12x12-patch windows (168 px), a quarter of the image
 
 
-def vision_batch(seed: int, start: int, n: int):
-    """Rendered (JPEG round-tripped) training images with dense labels."""
+def vision_batch(seed: int, start: int, n: int, centre_label: str = "centre"):
+    """Rendered (JPEG round-tripped) training images with dense labels (``centre_label``: see
+    ``--vision-centre-label``)."""
     imgs, lab = [], {k: [] for k in ("shape", "color", "center", "count", "occ", "size")}
     present, pairs, counts = [], [], []
     ns, nc = len(S.SHAPES), len(S.COLOR_NAMES)
@@ -277,6 +282,10 @@ def vision_batch(seed: int, start: int, n: int):
         owner = S.instance_map(scene)
         area = np.bincount(owner[owner >= 0], minlength=len(scene.objects)).astype(np.float32)
         labels["size"] = np.where(owner >= 0, np.log(np.maximum(area[owner], 1.0)), 0.0).reshape(S.GRID, S.GRID)
+        if centre_label == "anchor":
+            labels["center"] = np.zeros_like(labels["center"])
+            for o in scene.objects:
+                labels["center"].flat[S.anchor_patch(o)] = 1
         imgs.append(S.jpeg_roundtrip(arr))
         for k in lab:
             lab[k].append(labels[k])
@@ -327,7 +336,7 @@ def tower_window(model, px_crop, grid_idx):
 
 
 def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None, count_weight: float = 1.0,
-                  size_weight: float = 0.0):
+                  size_weight: float = 0.0, centre_weight: float = 1.0):
     """Dense losses; full images (all heads) or crops (``grid_idx``: patch heads + crop presence).
 
     Counts are trained on full images only: a crop cannot see how many objects the scene holds.
@@ -346,8 +355,8 @@ def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None, count_weight:
     losses = {
         "shape": ce(heads.shape(p), ys["shape"]),
         "color": ce(heads.color(p), ys["color"]),
-        "center": F.cross_entropy(heads.center(p).flatten(0, 1), ys["center"].flatten(),
-                                  weight=torch.tensor([1.0, 10.0])),
+        "center": centre_weight * F.cross_entropy(heads.center(p).flatten(0, 1), ys["center"].flatten(),
+                                                  weight=torch.tensor([1.0, 10.0])),
         "occ": F.binary_cross_entropy_with_logits(heads.occ(p), ys["occ"]),
         "rowcol": 0.2 * (F.cross_entropy(heads.row(p).flatten(0, 1), (grid_idx // S.GRID).flatten())
                          + F.cross_entropy(heads.col(p).flatten(0, 1), (grid_idx % S.GRID).flatten())),
@@ -372,6 +381,9 @@ def vision_losses(model, heads: VisionHeads, px, y, grid_idx=None, count_weight:
             "shape": (heads.shape(p).argmax(-1)[on] == ys["shape"][on]).float().mean().item(),
             "color": (heads.color(p).argmax(-1)[on] == ys["color"][on]).float().mean().item(),
         }
+        marked, truth = heads.center(p).argmax(-1) == 1, ys["center"] == 1
+        hits = (marked & truth).sum()
+        acc["centre_f1"] = (2 * hits / (marked.sum() + truth.sum()).clamp(min=1)).item()
         if size_weight > 0:
             acc["size_abs_err"] = (heads.size(p)[..., 0] - y["size"].flatten(1, 2))[on].abs().mean().item()
         if full:
@@ -399,19 +411,21 @@ def train_vision(model, args, state_path: Path, state: dict | None, crop_steps: 
         prior = state.get("elapsed", 0.0)
         log(f"vision: resumed at step {start}")
     model.train()
-    eval_px, eval_y = vision_batch(args.eval_seed + 1000, 0, 32)
+    eval_px, eval_y = vision_batch(args.eval_seed + 1000, 0, 32, args.vision_centre_label)
     total = crop_steps + full_steps
     t_start = time.time()
     for step in range(start, total):
         for g in opt.param_groups:
             g["lr"] = args.vision_lr * cosine(step, total, min(60, total // 10))
         crop = step < crop_steps
-        px, y = vision_batch(args.seed, data_offset + step * args.vision_batch, args.vision_batch)
+        px, y = vision_batch(args.seed, data_offset + step * args.vision_batch, args.vision_batch,
+                             args.vision_centre_label)
         idx = None
         if crop:
             px, y, idx = crop_batch(px, y, np.random.default_rng([args.seed, step]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-            losses, acc = vision_losses(model, heads, px, y, idx, args.vision_count_weight, args.vision_size_weight)
+            losses, acc = vision_losses(model, heads, px, y, idx, args.vision_count_weight, args.vision_size_weight,
+                                        args.vision_centre_weight)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -907,7 +921,9 @@ def write_card(out: Path, model, args, info: dict) -> None:
         refresh = (f"\n   Then, on the --init-from tower, {args.vision_refresh_steps} more full-image steps on new images "
                    f"(fresh heads, lr {args.vision_lr}; count losses x{args.vision_count_weight}"
                    + (f", plus a per-patch regression of log(patches its object shows), x{args.vision_size_weight}"
-                      if args.vision_size_weight else "") + ").")
+                      if args.vision_size_weight else "")
+                   + (", the centre label on each object's anchor patch" if args.vision_centre_label == "anchor" else "")
+                   + (f", centre loss x{args.vision_centre_weight}" if args.vision_centre_weight != 1 else "") + ").")
     c = model.config
     v, t = c.vision_config, c.text_config
     pc = info["params"]
