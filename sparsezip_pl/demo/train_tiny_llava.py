@@ -77,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--vision-steps", type=int, default=100, help="then steps on full images")
     p.add_argument("--vision-batch", type=int, default=16, help="images per step (crop steps: 2 crops each)")
     p.add_argument("--vision-lr", type=float, default=1.5e-3)
+    p.add_argument("--vision-save-every", type=int, default=100, help="vision steps between held-out checks and saves")
     p.add_argument("--vision-refresh-steps", type=int, default=0,
                    help="with --init-from: first this many more full-image vision steps on the loaded tower "
                         "(fresh heads), then the language stage re-adapts to the changed features")
@@ -437,7 +438,7 @@ def train_vision(model, args, state_path: Path, state: dict | None, crop_steps: 
             rate = (time.time() - t_start) / (step + 1 - start)
             log(f"vision {'crop' if crop else 'full'} step {step:4d} loss={loss.item():.3f} ({parts}) "
                 f"train-acc {accs} ({rate:.2f} s/step)")
-        if (step + 1) % 100 == 0 or step == total - 1:
+        if (step + 1) % args.vision_save_every == 0 or step == total - 1:
             model.eval()
             with torch.no_grad():
                 _, acc = vision_losses(model, heads, eval_px, eval_y, size_weight=args.vision_size_weight)
