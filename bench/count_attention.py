@@ -24,18 +24,20 @@ import torch
 from sparsezip_pl.data import synthetic as S
 from sparsezip_pl.demo import train_tiny_llava as T
 from sparsezip_pl.demo.tiny_llava import Tokenized, shared_prefix_hidden, tower_features
+from sparsezip_pl.demo.tiny_training import language_data as data
+
 
 def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8, head: int = 1) -> list[dict]:
     """One row per count question: true count, right or wrong, attention masses, shape patches."""
     args = T.parse_args(["--count-anchor", "cover", "--p-conversation", "0", "--p-caption", "0",
                          "--p-listing", "0", "--p-count-scene", "1.0"])
     stats = S.world_statistics(seed)
-    yes_id, no_id = (tz.tok.convert_tokens_to_ids("▁" + w) for w in T.YES_NO)
+    yes_id, no_id = (tz.tok.convert_tokens_to_ids("▁" + w) for w in data.YES_NO)
     embed = model.model.language_model.embed_tokens
     n_text = len(tz.prefix)
     rows = []
     for start in range(0, n_images, batch):
-        px, packed, fams, _, ground = T.lm_batch(tz, seed, start, min(batch, n_images - start), args, stats)
+        px, packed, fams, _, ground = data.lm_batch(tz, seed, start, min(batch, n_images - start), args, stats)
         ids, pos, seg, _, answer_at = packed
         C = ids.shape[2]
         with torch.no_grad():

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from sparsezip_pl.data import synthetic as S
 from sparsezip_pl.demo import train_tiny_llava as T
 from sparsezip_pl.demo.tiny_llava import Tokenized
+from sparsezip_pl.demo.tiny_training import auxiliary_losses as losses
+from sparsezip_pl.demo.tiny_training import common
+from sparsezip_pl.demo.tiny_training import language_data as data
+from sparsezip_pl.demo.tiny_training import vision_stage as vision
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava-synth"
 
@@ -25,7 +28,7 @@ def processor():
 def _small(processor, layers: int):
     args = T.parse_args(["--vision-width", "32", "--vision-layers", "2", "--lm-width", "48", "--lm-heads", "2",
                          "--lm-layers", str(layers)])
-    return T.build(args, processor)
+    return common.build(args, processor)
 
 
 def test_grown_model_computes_what_the_smaller_one_did(processor):
@@ -33,7 +36,7 @@ def test_grown_model_computes_what_the_smaller_one_did(processor):
     with torch.no_grad():  # make the old last layer distinguishable from a fresh one
         for p in small.model.language_model.layers[-1].parameters():
             p.add_(0.05 * torch.randn_like(p))
-    big.load_state_dict(T.grown_state(big, small.state_dict(), 2))
+    big.load_state_dict(common.grown_state(big, small.state_dict(), 2))
     grown = big.model.language_model.layers
     assert torch.equal(grown[3].self_attn.q_proj.weight, small.model.language_model.layers[1].self_attn.q_proj.weight)
     assert not grown[1].self_attn.o_proj.weight.any() and not grown[2].mlp.down_proj.weight.any()
@@ -45,24 +48,24 @@ def test_grown_model_computes_what_the_smaller_one_did(processor):
 
 
 def test_question_attributes_name_what_each_family_asks():
-    assert T.question_attributes(S.q_color("star", "blue")) == {
+    assert data.question_attributes(S.q_color("star", "blue")) == {
         "shape": S.SHAPES.index("star") + 1, "color": S.COLOR_NAMES.index("blue") + 1, "side": 0, "number": 0}
-    assert T.question_attributes(S.q_position("cross", "bottom"))["side"] == 4
-    assert T.question_attributes(S.q_position("cross", "left"))["side"] == 1
-    count = T.question_attributes(S.q_count("cross", 3))
+    assert data.question_attributes(S.q_position("cross", "bottom"))["side"] == 4
+    assert data.question_attributes(S.q_position("cross", "left"))["side"] == 1
+    count = data.question_attributes(S.q_count("cross", 3))
     assert count["shape"] == S.SHAPES.index("cross") + 1 and count["number"] == 3
-    assert T.question_attributes(S.q_count("ring", 1))["number"] == 1
-    assert T.question_attributes("Which shapes are there?") == {"shape": 0, "color": 0, "side": 0, "number": 0}
+    assert data.question_attributes(S.q_count("ring", 1))["number"] == 1
+    assert data.question_attributes("Which shapes are there?") == {"shape": 0, "color": 0, "side": 0, "number": 0}
 
 
 def test_readout_labels_are_true_to_the_scene():
     scene = S.Scene([S.Obj("circle", "red", 50, 300, 40), S.Obj("circle", "blue", 250, 60, 40),
                      S.Obj("star", "green", 200, 200, 30)], theme=0)
-    circles = T.readout_labels("circle", scene.objects)
+    circles = data.readout_labels("circle", scene.objects)
     assert circles["count"] == 2 and circles["lr"] == 1 and circles["tb"] == 2  # first circle: left, lower
     assert [S.COLOR_NAMES[i] for i, v in enumerate(circles["colors"]) if v] == ["red", "blue"]
-    assert T.readout_labels("moon", scene.objects) == {"colors": [0.0] * 6, "lr": 0, "tb": 0, "count": 0}
-    assert T.readout_labels(None, scene.objects) is None
+    assert data.readout_labels("moon", scene.objects) == {"colors": [0.0] * 6, "lr": 0, "tb": 0, "count": 0}
+    assert data.readout_labels(None, scene.objects) is None
 
 
 @pytest.mark.parametrize("anchor", ["cover", "spread"])
@@ -72,11 +75,11 @@ def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(proce
     tz = Tokenized(processor)
     args = T.parse_args(["--p-conversation", "0", "--count-anchor", anchor])
     stats = S.world_statistics(0, n=200)
-    _, packed, fams, _, ground = T.lm_batch(tz, args.seed, 0, 1, args, stats)
+    _, packed, fams, _, ground = data.lm_batch(tz, args.seed, 0, 1, args, stats)
     n_text, C = len(tz.prefix), packed[0].shape[2]
     P = n_text + 576
     items = [(j, rc) for j, (rc, (_, ans, _), shape) in enumerate(zip(packed[4][0], fams[0], ground["asked_shapes"][0]))
-             if rc is not None and ans in T.YES_NO and shape is not None]
+             if rc is not None and ans in data.YES_NO and shape is not None]
     assert items
 
     def loss_with(share: float) -> float:
@@ -91,9 +94,9 @@ def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(proce
                 probs[n_text + torch.from_numpy(cells)] += share * torch.from_numpy(w).float()
             q[0, :, rc[0] * C + rc[1]] = probs.log()
         capture = {"q": q, "k": k, "scale": 1.0}
-        return T.counting_loss(capture, packed, fams, ground, None, n_text, C).item()
+        return losses.counting_loss(capture, packed, fams, ground, None, n_text, C).item()
 
-    best = loss_with(T.COUNT_SHARE)
+    best = loss_with(losses.COUNT_SHARE)
     for other in (0.05, 0.1, 0.25, 0.3):
         assert loss_with(other) > best
 
@@ -103,34 +106,34 @@ def test_counting_loss_reads_the_head_it_is_given(processor):
     tz = Tokenized(processor)
     args = T.parse_args(["--p-conversation", "0", "--count-anchor", "cover"])
     stats = S.world_statistics(0, n=200)
-    _, packed, fams, _, ground = T.lm_batch(tz, args.seed, 0, 1, args, stats)
+    _, packed, fams, _, ground = data.lm_batch(tz, args.seed, 0, 1, args, stats)
     n_text, C = len(tz.prefix), packed[0].shape[2]
     P = n_text + 576
     q = torch.zeros(1, 3, packed[0].shape[1] * C, P)  # heads 0 and 1: uniform attention
     for rc, (_, ans, _), shape in zip(packed[4][0], fams[0], ground["asked_shapes"][0]):
-        if rc is None or ans not in T.YES_NO or shape is None:
+        if rc is None or ans not in data.YES_NO or shape is None:
             continue
         mine = [cells for s, cells, _ in ground["count_targets"][0] if s == shape]
         probs = torch.full((P,), 1e-9)
-        probs[:n_text] = (1 - T.COUNT_SHARE * len(mine)) / n_text
+        probs[:n_text] = (1 - losses.COUNT_SHARE * len(mine)) / n_text
         for cells in mine:
-            probs[n_text + torch.from_numpy(cells)] += T.COUNT_SHARE
+            probs[n_text + torch.from_numpy(cells)] += losses.COUNT_SHARE
         q[0, 2, rc[0] * C + rc[1]] = probs.log()
     capture = {"q": q, "k": torch.eye(P)[None, None].expand(1, 3, P, P), "scale": 1.0}
-    by_head = [T.counting_loss(capture, packed, fams, ground, None, n_text, C, h).item() for h in range(3)]
+    by_head = [losses.counting_loss(capture, packed, fams, ground, None, n_text, C, h).item() for h in range(3)]
     assert by_head[2] < by_head[1] and by_head[0] == by_head[1]
 
 
 def test_anchor_centre_label_marks_one_patch_per_object_where_the_counting_loss_points():
-    _, centre = T.vision_batch(0, 0, 4)
-    _, anchor = T.vision_batch(0, 0, 4, centre_label="anchor")
+    _, centre = vision.vision_batch(0, 0, 4)
+    _, anchor = vision.vision_batch(0, 0, 4, centre_label="anchor")
     assert torch.equal(centre["shape"], anchor["shape"]) and not torch.equal(centre["center"], anchor["center"])
     for i in range(4):
         rng = S.rng_for(0, "train", i)
         force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], int(rng.integers(1, 4))) if rng.random() < 0.4 else None
         scene = S.sample_scene(rng, force)
         marked = set(torch.nonzero(anchor["center"][i].flatten()).flatten().tolist())
-        assert marked == {int(cells[0]) for _, cells, _ in T.count_targets(scene, "cover")}
+        assert marked == {int(cells[0]) for _, cells, _ in data.count_targets(scene, "cover")}
 
 
 def test_count_heads_option_is_validated():
@@ -144,14 +147,14 @@ def test_spread_count_targets_weigh_every_visible_object_the_same():
     """Overlapping objects: each patch goes to the object drawn last, and each object's shares sum to 1."""
     scene = S.Scene([S.Obj("circle", "red", 100, 100, 60), S.Obj("circle", "blue", 130, 110, 60),
                      S.Obj("star", "green", 260, 260, 20)], theme=0)
-    targets = T.count_targets(scene, "spread")
+    targets = data.count_targets(scene, "spread")
     first, second, star = (set(cells.tolist()) for _, cells, _ in targets)
     assert first and second and star and not first & second
     assert second == set(S.object_patches(scene.objects[1]).tolist())  # drawn last: all its patches
     assert len(first) < len(S.object_patches(scene.objects[0]))  # partly hidden by the second circle
     for _, cells, share in targets:
         assert share.sum() == pytest.approx(1.0)
-    cover = T.count_targets(scene, "cover")
+    cover = data.count_targets(scene, "cover")
     assert [cells.tolist() for _, cells, _ in cover] == [[S.anchor_patch(o)] for o in scene.objects]
 
 

@@ -6,11 +6,16 @@ import pytest
 import torch
 
 from sparsezip_pl.demo import train_tiny_llava as T
+from sparsezip_pl.demo.tiny_training import common
+from sparsezip_pl.demo.tiny_training import vision_stage as vision
 
 MICRO = ["--vision-width", "32", "--vision-layers", "1", "--lm-width", "48", "--lm-layers", "1", "--lm-heads", "2",
          "--vision-crop-steps", "2", "--vision-steps", "2", "--vision-batch", "2", "--lm-steps", "3", "--lm-batch", "2",
          "--lm-warmup", "1", "--curriculum-steps", "1", "--curriculum-ramp", "1", "--eval-mme-images", "2",
-         "--eval-pope-images", "2", "--other-seeds", "", "--honest-images", "1", "--bf16", "0"]
+         "--eval-pope-images", "2", "--other-seeds", "", "--honest-images", "1", "--bf16", "0",
+         # every auxiliary loss and item kind on, so each is exercised
+         "--grounding-weight", "1", "--count-grounding-weight", "1", "--route-weight", "1", "--readout-weight", "1",
+         "--keep-weight", "1", "--p-caption", "1", "--p-listing", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,7 @@ def test_a_micro_run_saves_a_checkpoint_its_card_and_results_describe(micro_run)
     info = json.loads((out / "eval_results.json").read_text())
     model = LlavaForConditionalGeneration.from_pretrained(out)
     assert model.config.vision_config.hidden_size == 32 and model.config.text_config.num_hidden_layers == 1
-    assert T.param_counts(model) == info["params"]
+    assert common.param_counts(model) == info["params"]
     assert info["fast_path_err"] < 1e-4  # the evaluation's fast path reproduces the stock forward
     assert set(info["eval"]["all"]) >= {"mme_count", "pope_adversarial"}
     assert info["command"].endswith(" ".join(argv))
@@ -44,7 +49,7 @@ def test_a_refresh_interrupted_mid_way_resumes_to_the_same_weights(micro_run, tm
                "--vision-save-every", "2", "--vision-centre-label", "anchor", *MICRO]
     T.main(["--out", str(tmp_path / "straight"), "--workdir", str(tmp_path / "w1"), *refresh])
 
-    save_state = T.save_state
+    save_state = vision.save_state
 
     def save_then_stop(path, **state):
         save_state(path, **state)
@@ -52,11 +57,11 @@ def test_a_refresh_interrupted_mid_way_resumes_to_the_same_weights(micro_run, tm
             raise KeyboardInterrupt
 
     argv = ["--out", str(tmp_path / "resumed"), "--workdir", str(tmp_path / "w2"), *refresh]
-    monkeypatch.setattr(T, "save_state", save_then_stop)
+    monkeypatch.setattr(vision, "save_state", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         T.main(argv)
     assert torch.load(tmp_path / "w2" / "state.pt", weights_only=False)["stage"] == "vision-refresh"
-    monkeypatch.setattr(T, "save_state", save_state)
+    monkeypatch.setattr(vision, "save_state", save_state)
     T.main(argv)
 
     from transformers import LlavaForConditionalGeneration
