@@ -29,3 +29,4 @@ bench: $(STAMP)
 	$(PY) bench/e2e.py
 	$(PY) bench/object_coverage.py
 	$(PY) bench/count_attention.py
+	$(PY) bench/oracle_selection.py --budgets 64 96 128

@@ -236,10 +236,15 @@ def _patch_cover(canvas: np.ndarray) -> np.ndarray:
     return canvas[_PAD:-_PAD, _PAD:-_PAD].reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
 
 
+def patch_cover(o: Obj) -> np.ndarray:
+    """[GRID * GRID]: the share of each patch the object's own pixels cover (0..1)."""
+    return _patch_cover(_object_canvas(o)).reshape(-1)
+
+
 def object_patches(o: Obj) -> np.ndarray:
     """Indices (row * GRID + column) of the patches the object covers by at least 20%: the
     patches ``render``'s labels give to it."""
-    return np.flatnonzero(_patch_cover(_object_canvas(o)).reshape(-1) >= 0.2)
+    return np.flatnonzero(patch_cover(o) >= 0.2)
 
 
 def instance_map(scene: Scene) -> np.ndarray:
