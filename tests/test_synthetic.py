@@ -193,6 +193,6 @@ def test_object_coverage_bench_layers_config_files_like_the_cli():
     layered = [str(repo / "configs/demo/sparsezip.yaml"), str(repo / "configs/demo/original_positions.yaml")]
     assert bench.compressor_settings(layered) == {
         "method": "sparsezip", "dynamic_k": True, "k_min": 8, "k_max": 64,
-        "dynk": {"rule": "attention_entropy", "scale": 1.558}, "merging": {"contextual_num": 16},
+        "dynk": {"rule": "attention_entropy", "scale": 1.873}, "merging": {"contextual_num": 16},
         "visual_positions": "original",
     }
