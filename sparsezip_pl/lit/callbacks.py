@@ -1,8 +1,9 @@
-"""Callbacks: token budgets, pictures of what was kept, prediction files and a results table.
+"""Callbacks: token budgets, pictures of what was kept, prediction files, a results table, and a
+validation before the first training step.
 
-Every callback reads what the module's steps return (``{"records": [...], "compression":
+The logging callbacks read what the module's steps return (``{"records": [...], "compression":
 CompressionOutput}`` for evaluation, ``{"loss", "compression"}`` for training), so none of them
-reaches into the model.
+reaches into the model. ``ValidateBeforeTraining`` drives the fit's own validation loop.
 """
 
 from __future__ import annotations
@@ -494,3 +495,31 @@ def _skipped_counts(trainer: L.Trainer) -> dict[str, int]:
         for reason, items in part.items():
             merged[reason] |= items
     return {reason: len(items) for reason, items in sorted(merged.items())}
+
+
+class ValidateBeforeTraining(L.Callback):
+    """Validate once before the first optimizer step, and let checkpointing consider that state.
+
+    Tuning on a few thousand samples can fail to beat the starting compressor on validation.
+    Lightning validates only after training steps, and ``ModelCheckpoint`` skips step 0, so
+    ``best.ckpt`` could be a state that validated worse than where tuning began. This callback
+    runs the fit's validation loop at the start (logged at step 0, so TensorBoard shows the
+    starting point) and lets every ``ModelCheckpoint`` save there, so a ``monitor``-ed best
+    checkpoint is never worse on validation than the untuned start. Skipped on resume.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != 0 or trainer.sanity_checking:
+            return
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        val_loop.setup_data()
+        if val_loop.skip:  # no validation data, or limit_val_batches=0
+            return
+        for callback in trainer.checkpoint_callbacks:
+            # ModelCheckpoint treats step 0 as "already saved" (nothing trained yet).
+            callback._last_global_step_saved = -1
+        first_loop_iter = trainer._logger_connector._first_loop_iter
+        trainer.validating = True
+        val_loop.run()
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
