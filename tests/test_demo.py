@@ -40,3 +40,22 @@ def test_quick_demo_reports_every_method(tmp_path):
         assert "val/mme/perception_total" in torch.load(checkpoint, weights_only=False)["callbacks"].__repr__()
     tested = [log.read_text() for log in tmp_path.glob("*-test.log")]
     assert sum("best.ckpt" in text for text in tested) == 2
+
+
+def test_tuning_budget_is_steps_unless_a_time_cap_is_asked():
+    from sparsezip_pl.demo.pipeline import fit_budget_args
+
+    assert fit_budget_args(400) == ["--trainer.max_steps=400"]
+    assert fit_budget_args(400, minutes=2.5) == ["--trainer.max_steps=400", "--trainer.max_time=00:00:02:30"]
+    assert fit_budget_args(400, minutes=90) == ["--trainer.max_steps=400", "--trainer.max_time=00:01:30:00"]
+    assert "--trainer.max_steps=2" in fit_budget_args(400, quick=True)
+
+
+def test_demo_fit_config_is_step_bounded_and_validates_the_start():
+    import yaml
+
+    trainer = yaml.safe_load((REPO / "configs/demo/fit.yaml").read_text())["trainer"]
+    assert trainer["max_steps"] > 0 and trainer.get("max_time") is None
+    callbacks = [c["class_path"] for c in trainer["callbacks"]]
+    assert "sparsezip_pl.lit.callbacks.ValidateBeforeTraining" in callbacks
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" in callbacks

@@ -86,6 +86,18 @@ def logger_args(out: Path, version: str) -> list[str]:
             f"--trainer.logger.init_args.version={version}"]
 
 
+def fit_budget_args(steps: int, minutes: float | None = None, quick: bool = False) -> list[str]:
+    """Trainer overrides that end a tuning run: a step count, plus a wall-clock cap only if asked
+    (a cap makes the kept checkpoint, and so the tuned rows, depend on the machine's speed)."""
+    if quick:
+        return ["--trainer.max_steps=2", "--trainer.max_time=null", "--trainer.val_check_interval=1"]
+    budget = [f"--trainer.max_steps={steps}"]
+    if minutes is not None:
+        seconds = round(minutes * 60)
+        budget.append(f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}")
+    return budget
+
+
 def results_row(label: str, results: dict) -> dict:
     row = {"method": label, "tokens": results.get("budget/tokens_mean", float("nan"))}
     for subtask in MME_SUBTASKS:
@@ -183,14 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"--data.init_args.train_source={world['instruct_json']}", *dev_args(dev),
             *logger_args(out, fit_version),
         ]
-        if args.quick:
-            fit_args += ["--trainer.max_steps=2", "--trainer.max_time=null", "--trainer.val_check_interval=1"]
-        else:
-            fit_args += [f"--trainer.max_steps={args.fit_steps}"]
-            if args.fit_minutes is not None:
-                seconds = round(args.fit_minutes * 60)
-                fit_args += [f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"]
-        run(fit_args, out / f"{fit_version}.log")
+        run(fit_args + fit_budget_args(args.fit_steps, args.fit_minutes, args.quick), out / f"{fit_version}.log")
         checkpoint = out / "demo" / fit_version / "checkpoints" / "best.ckpt"
         test(tuned_label + suffix, [*tuned_args, *position_args, f"--ckpt_path={checkpoint}"])
 
