@@ -111,3 +111,25 @@ def test_fit_with_two_processes_matches_one_process(tmp_path, world, tiny_model)
     assert not torch.allclose(reference["model.compressor.scorer.alphas"], torch.tensor([1.0, 0.4, 0.6])), "trained"
     for key, value in reference.items():
         torch.testing.assert_close(tuned["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_fit_with_two_processes_validates_the_start(tmp_path, world, tiny_model):
+    """ValidateBeforeTraining runs the validation loop on every rank before step 0 (no hang), and the
+    monitored checkpoint saves there as after each later validation."""
+    val = {"class_path": "sparsezip_pl.data.datamodules.EvalDataModule",
+           "init_args": {"mme_root": world["mme_root"], "pope_source": world["pope_root"],
+                         "pope_image_dir": world["pope_image_folder"], "pope_splits": ["random"],
+                         "max_per_category": 1, "batch_size": 2}}
+    data = {"class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+            "init_args": {"train_source": world["instruct_json"], "batch_size": 2, "val_benchmark": val}}
+    callbacks = [{"class_path": "sparsezip_pl.lit.callbacks.ValidateBeforeTraining"},
+                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "{step}", "save_top_k": -1,
+                                "monitor": "val/mme/perception_total", "mode": "max"}}]
+    config = _config(tmp_path / "two.yaml", tiny_model, data, 2,
+                     model={"objective": "distill", "budget_target": 8.0},
+                     trainer={"max_steps": 2, "val_check_interval": 1, "check_val_every_n_epoch": None,
+                              "num_sanity_val_steps": 0, "callbacks": callbacks})
+    _run_two_processes("fit", config, tmp_path)
+    saved = {torch.load(path, weights_only=False)["global_step"] for path in (tmp_path / "ckpt").glob("*.ckpt")}
+    assert saved == {0, 1, 2}
