@@ -36,15 +36,12 @@ FAMILIES = S.MME_FAMILIES
 def world_scenes(mme_root: Path, seed: int) -> dict[str, S.Scene]:
     """``"family/NNNN.jpg"`` -> the scene ``synthetic.generate_world(seed=...)`` drew for it."""
     per_family = len(list((mme_root / FAMILIES[0]).glob("*.jpg")))
-    scenes, counter = {}, 0
-    for family in FAMILIES:
-        for i in range(per_family):
-            scene, _ = S.mme_scene(S.rng_for(seed, "mme", counter), family)
-            counter += 1
-            path = mme_root / family / f"{i:04d}.jpg"
-            if S.jpeg_bytes(S.render(scene)) != path.read_bytes():
-                raise ValueError(f"{path}: not the image world seed {seed} draws (pass the world's --seed)")
-            scenes[f"{family}/{path.name}"] = scene
+    scenes = {}
+    for family, name, scene, _ in S.mme_scenes(seed, per_family):
+        path = mme_root / family / f"{name}.jpg"
+        if S.jpeg_bytes(S.render(scene)) != path.read_bytes():
+            raise ValueError(f"{path}: not the image world seed {seed} draws (pass the world's --seed)")
+        scenes[f"{family}/{path.name}"] = scene
     return scenes
 
 

@@ -616,6 +616,17 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def mme_scenes(seed: int, n_mme_images: int):
+    """Yield ``(family, "NNNN", scene, (yes_question, no_question))`` for every MME-style image of
+    the world of ``seed``, in the order (and so with the draws) ``generate_world`` writes them."""
+    counter = 0
+    for family in MME_FAMILIES:
+        for i in range(n_mme_images):
+            scene, questions = mme_scene(rng_for(seed, "mme", counter), family)
+            counter += 1
+            yield family, f"{i:04d}", scene, questions
+
+
 def generate_world(root: str | os.PathLike, seed: int = 0, n_mme_images: int = 30,
                    n_pope_images: int = 50, n_instruct: int = 100) -> dict:
     """Write a synthetic MME / POPE / instruction set under ``root``; return the paths.
@@ -629,16 +640,10 @@ def generate_world(root: str | os.PathLike, seed: int = 0, n_mme_images: int = 3
     pope_images = pope_root / "val2014"
     instruct_root = root / "instruct"
 
-    counter = 0
-    for f, family in enumerate(MME_FAMILIES):
-        for i in range(n_mme_images):
-            rng = rng_for(seed, "mme", counter)
-            counter += 1
-            scene, (yes_q, no_q) = mme_scene(rng, family)
-            name = f"{i:04d}"
-            _write(mme_root / family / f"{name}.jpg", jpeg_bytes(render(scene)))
-            txt = f"{yes_q}{MME_SUFFIX}\tYes\n{no_q}{MME_SUFFIX}\tNo\n"
-            _write(mme_root / family / f"{name}.txt", txt.encode())
+    for family, name, scene, (yes_q, no_q) in mme_scenes(seed, n_mme_images):
+        _write(mme_root / family / f"{name}.jpg", jpeg_bytes(render(scene)))
+        txt = f"{yes_q}{MME_SUFFIX}\tYes\n{no_q}{MME_SUFFIX}\tNo\n"
+        _write(mme_root / family / f"{name}.txt", txt.encode())
 
     stats = world_statistics(seed)
     lines = {s: [] for s in POPE_SPLITS}

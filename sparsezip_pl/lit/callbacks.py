@@ -509,7 +509,7 @@ class ValidateBeforeTraining(L.Callback):
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != 0 or trainer.sanity_checking:
+        if trainer.global_step != 0:
             return
         val_loop = trainer.fit_loop.epoch_loop.val_loop
         val_loop.setup_data()
