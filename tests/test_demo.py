@@ -30,6 +30,18 @@ def test_quick_demo_reports_every_method(tmp_path):
         assert 0 <= row["mme/total"] <= 800 and 0 <= row["pope/f1"] <= 100
     report = (tmp_path / "RESULTS.md").read_text()
     assert report.count("\n| ") == 1 + len(rows)  # header + one line per method
+    # per-question changes, tuned against default, whose net equals the difference in right answers
+    for suffix in ("", ", original positions"):
+        line = next(l for l in report.splitlines() if l.startswith(f"- sparsezip tuned{suffix} against"))
+        gained, lost, total = (int(w) for w in line.replace(",", "").split() if w.isdigit())
+        assert total == 16 and 0 <= gained <= total and 0 <= lost <= total  # 2 images x 4 subtasks x 2
+        right = {}
+        for name in (f"sparsezip default{suffix}", f"sparsezip tuned{suffix}"):
+            index = [r["method"] for r in rows].index(name)
+            predictions = next((tmp_path / "demo").glob(f"*-{index}-test/predictions/predictions.jsonl"))
+            records = [json.loads(line) for line in predictions.read_text().splitlines()]
+            right[name] = sum(r["parsed"] == r["answer"] for r in records if r["task"] == "mme")
+        assert gained - lost == right[f"sparsezip tuned{suffix}"] - right[f"sparsezip default{suffix}"]
     saved = json.loads(next(tmp_path.glob("*-results.json")).read_text())
     assert saved == rows
     # each fit validated on the development world and kept its best compressor, which was tested
@@ -59,3 +71,14 @@ def test_demo_fit_config_is_step_bounded_and_validates_the_start():
     callbacks = [c["class_path"] for c in trainer["callbacks"]]
     assert "sparsezip_pl.lit.callbacks.ValidateBeforeTraining" in callbacks
     assert "lightning.pytorch.callbacks.ModelCheckpoint" in callbacks
+
+
+def test_answer_changes_counts_both_directions_over_the_same_questions():
+    from sparsezip_pl.demo.pipeline import answer_changes
+
+    before = {"a": True, "b": False, "c": True, "d": False}
+    after = {"a": False, "b": True, "c": True, "d": True}
+    assert answer_changes(before, after) == (2, 1)
+    assert answer_changes(after, before) == (1, 2)
+    with pytest.raises(ValueError, match="different"):
+        answer_changes(before, {"a": True})

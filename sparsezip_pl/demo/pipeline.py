@@ -110,6 +110,21 @@ def results_row(label: str, results: dict) -> dict:
     return row
 
 
+def mme_answers(run_dir: Path) -> dict[str, bool]:
+    """Sample id -> whether a test run answered that MME-style question right (its predictions file)."""
+    records = (json.loads(line) for line in (run_dir / "predictions" / "predictions.jsonl").open(encoding="utf-8"))
+    return {r["sample_id"]: r["parsed"] == r["answer"] for r in records if r["task"] == "mme"}
+
+
+def answer_changes(before: dict[str, bool], after: dict[str, bool]) -> tuple[int, int]:
+    """(questions ``after`` answers right and ``before`` did not, the reverse), over the same questions."""
+    if before.keys() != after.keys():
+        raise ValueError("the two runs answered different MME-style questions")
+    gained = sum(after[k] and not before[k] for k in before)
+    lost = sum(before[k] and not after[k] for k in before)
+    return gained, lost
+
+
 def format_table(rows: list[dict]) -> str:
     full = rows[0]
     header = (
@@ -175,12 +190,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"development world for the fit's validation (seed {args.dev_seed}) in {dev_root}")
 
     eval_base = ["--config", "configs/demo/eval.yaml", *world_args(world), f"--model.model_path={args.model_path}"]
-    rows = []
+    rows, run_dirs = [], {}
 
     def test(label: str, method_args: list[str]) -> None:
         version = f"{stamp}-{len(rows)}-test"
         run(["test", *eval_base, *method_args, *logger_args(out, version)], out / f"{version}.log")
-        rows.append(results_row(label, json.loads((out / "demo" / version / "results.json").read_text())))
+        run_dirs[label] = out / "demo" / version
+        rows.append(results_row(label, json.loads((run_dirs[label] / "results.json").read_text())))
 
     test(*STOCK)
     for positions in args.positions:
@@ -199,6 +215,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         checkpoint = out / "demo" / fit_version / "checkpoints" / "best.ckpt"
         test(tuned_label + suffix, [*tuned_args, *position_args, f"--ckpt_path={checkpoint}"])
 
+    changes = []
+    for positions in args.positions:
+        suffix = POSITIONS[positions][0]
+        default = mme_answers(run_dirs[COMPRESSED[1][0] + suffix])
+        gained, lost = answer_changes(default, mme_answers(run_dirs[TUNED[0] + suffix]))
+        changes.append(f"- {TUNED[0] + suffix} against {COMPRESSED[1][0] + suffix}: {gained} MME-style answers "
+                       f"gained, {lost} lost, of {len(default)} questions.")
     table = format_table(rows)
     report = (
         f"Demo run {stamp}: tiny synthetic-world LLaVA (`checkpoints/tiny-llava-synth`), held-out world seed "
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"tuning {2 if args.quick else args.fit_steps} steps per tuned row on {args.instruct} "
         f"instruction records, validated on world seed {args.dev_seed} ({args.dev_images} images per MME subtask, "
         f"{args.dev_pope_images} per POPE split).\n\n"
-        + table + "\n"
+        + table + "\n\nPer question (the test runs' `predictions/predictions.jsonl`):\n\n" + "\n".join(changes) + "\n"
     )
     (out / "RESULTS.md").write_text(report, encoding="utf-8")
     (out / f"{stamp}-results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
