@@ -270,6 +270,15 @@ def anchor_patch(o: Obj) -> int:
     return int((cover - 1e-4 * np.hypot(rows - o.cy, cols - o.cx)).argmax())
 
 
+def first_patches(scene: Scene) -> list[int]:
+    """Per object, the first patch in raster order that ``instance_map`` gives it: its top-left
+    patch. Unlike ``anchor_patch`` (which breaks ties by the distance to the centre, so it depends
+    on the whole object), a patch's own neighbourhood mostly decides whether it is this one."""
+    owner = instance_map(scene)
+    return [int(np.flatnonzero(owner == i)[0]) if (owner == i).any() else anchor_patch(o)
+            for i, o in enumerate(scene.objects)]
+
+
 def _fill(pattern: str, w: int, cx: float, cy: float) -> np.ndarray:
     """A [w, w] 0/1 map: 1 = object colour, 0 = its darker shade (period 6 px)."""
     y, x = np.mgrid[0:w, 0:w]

@@ -71,9 +71,10 @@ def parse_args(argv=None):
                    help="weight of a per-patch regression of log(patches its object shows) in vision steps")
     p.add_argument("--vision-count-weight", type=float, default=1.0,
                    help="weight of the per-patch and CLS count losses in full-image vision steps")
-    p.add_argument("--vision-centre-label", choices=("centre", "anchor"), default="centre",
-                   help="the tower's per-patch centre label marks the patch holding each object's centre, or its "
-                        "anchor patch (the one its pixels cover most, where --count-anchor cover points)")
+    p.add_argument("--vision-centre-label", choices=("centre", "anchor", "first"), default="centre",
+                   help="the tower's per-patch centre label marks the patch holding each object's centre, its "
+                        "anchor patch (the one its pixels cover most, where --count-anchor cover points), or its "
+                        "top-left patch (where --count-anchor first points)")
     p.add_argument("--vision-centre-weight", type=float, default=1.0, help="weight of that label's loss")
     p.add_argument("--lm-steps", type=int, default=1000)
     p.add_argument("--lm-batch", type=int, default=8, help="images per step (~11 questions each)")
@@ -92,9 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--count-grounding-weight", type=float, default=0.0,
                    help="weight of the counting loss: last-layer head 1 at a yes/no answer puts 0.2 of its "
                         "attention on each instance of the asked shape, the rest on the text prefix")
-    p.add_argument("--count-anchor", choices=("centre", "cover", "spread"), default="centre",
+    p.add_argument("--count-anchor", choices=("centre", "cover", "first", "spread"), default="centre",
                    help="where the counting loss puts an instance's share: on the patch holding its centre (a hole "
-                        "for rings and moons), on the one its pixels cover most, or spread evenly over its patches")
+                        "for rings and moons), on the one its pixels cover most, on its top-left patch, or spread "
+                        "evenly over its patches")
     p.add_argument("--count-heads", type=head_list, default=(1,),
                    help="comma-separated last-layer heads the counting loss trains, each on its own (averaged); "
                         "head 0 is the grounding loss's")

@@ -19,7 +19,8 @@ def write_card(out: Path, model, args, info: dict) -> None:
                    f"(fresh heads, lr {args.vision_lr}; count losses x{args.vision_count_weight}"
                    + (f", plus a per-patch regression of log(patches its object shows), x{args.vision_size_weight}"
                       if args.vision_size_weight else "")
-                   + (", the centre label on each object's anchor patch" if args.vision_centre_label == "anchor" else "")
+                   + {"centre": "", "anchor": ", the centre label on each object's anchor patch",
+                      "first": ", the centre label on each object's top-left patch"}[args.vision_centre_label]
                    + (f", centre loss x{args.vision_centre_weight}" if args.vision_centre_weight != 1 else "") + ").")
     c = model.config
     v, t = c.vision_config, c.text_config
@@ -47,6 +48,7 @@ def write_card(out: Path, model, args, info: dict) -> None:
     if args.count_grounding_weight > 0:
         where = {"centre": "on the patch holding its centre",
                  "cover": "on the patch the instance covers most, never a ring's hole",
+                 "first": "on the instance's top-left patch (the first it shows in raster order)",
                  "spread": "spread evenly over the patches the instance shows, so a big and a small instance "
                            "weigh the same"}[args.count_anchor]
         heads = [str(h) for h in args.count_heads]

@@ -52,10 +52,10 @@ def vision_batch(seed: int, start: int, n: int, centre_label: str = "centre"):
         owner = S.instance_map(scene)
         area = np.bincount(owner[owner >= 0], minlength=len(scene.objects)).astype(np.float32)
         labels["size"] = np.where(owner >= 0, np.log(np.maximum(area[owner], 1.0)), 0.0).reshape(S.GRID, S.GRID)
-        if centre_label == "anchor":
+        if centre_label != "centre":
             labels["center"] = np.zeros_like(labels["center"])
-            for o in scene.objects:
-                labels["center"].flat[S.anchor_patch(o)] = 1
+            marks = S.first_patches(scene) if centre_label == "first" else [S.anchor_patch(o) for o in scene.objects]
+            labels["center"].flat[marks] = 1
         imgs.append(S.jpeg_roundtrip(arr))
         for k in lab:
             lab[k].append(labels[k])
