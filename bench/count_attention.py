@@ -7,11 +7,11 @@ The training script's counting loss (``train_tiny_llava.counting_loss``) asks he
 LLM layer, at a yes/no answer, to put 0.2 of its attention on each instance of the asked shape and
 the rest on the text prefix. For count questions on fresh training-style scenes of an unseen seed
 (all 576 visual tokens), this prints, by the true count n: the first-token accuracy, the head's
-attention mass on the text prefix (sink), on the instances' anchor patches
-(``synthetic.anchor_patch``) and on all patches of the asked shape, and how many such patches
-there are -- for right and wrong answers apart, then the spread of the shape's mass per n. If the
-mass tracks the shape's area more than its number of instances, large pairs and small triples
-look alike.
+attention mass on the text prefix (sink), on the instances' anchor patches (where the counting
+loss points: ``--anchor``, the training script's ``--count-anchor``) and on all patches of the
+asked shape, and how many such patches there are -- for right and wrong answers apart, then the
+spread of the shape's mass per n. If the mass tracks the shape's area more than its number of
+instances, large pairs and small triples look alike.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from sparsezip_pl.demo.tiny_llava import Tokenized, shared_prefix_hidden, tower_
 from sparsezip_pl.demo.tiny_training import language_data as data
 
 
-def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8, head: int = 1) -> list[dict]:
+def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8, head: int = 1,
+            anchor: str = "first") -> list[dict]:
     """One row per count question: true count, right or wrong, attention masses, shape patches."""
-    args = T.parse_args(["--count-anchor", "cover", "--p-conversation", "0", "--p-caption", "0",
+    args = T.parse_args(["--count-anchor", anchor, "--p-conversation", "0", "--p-caption", "0",
                          "--p-listing", "0", "--p-count-scene", "1.0"])
     stats = S.world_statistics(seed)
     yes_id, no_id = (tz.tok.convert_tokens_to_ids("▁" + w) for w in data.YES_NO)
@@ -90,6 +91,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=2, help="world seed of the scenes (unseen in training: not 0)")
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--head", type=int, default=1, help="last-layer head to read (training's default counting head: 1)")
+    p.add_argument("--anchor", choices=("centre", "cover", "first"), default="first",
+                   help="each instance's anchor patch, as the model's --count-anchor (the shipped model's: first)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,8 +101,8 @@ def main(argv=None) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(args.checkpoint).eval()
     tz = Tokenized(AutoProcessor.from_pretrained(args.checkpoint))
     print(f"{args.checkpoint}: count questions on {args.images} scenes of seed {args.seed}, head {args.head} "
-          f"of the last LLM layer\n")
-    report(measure(model, tz, args.seed, args.images, head=args.head))
+          f"of the last LLM layer, anchors: {args.anchor}\n")
+    report(measure(model, tz, args.seed, args.images, head=args.head, anchor=args.anchor))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from sparsezip_pl.data import synthetic as S
@@ -165,6 +166,21 @@ def test_anchor_patch_lies_on_its_object_even_where_the_centre_is_a_hole():
     assert labels["shape"].reshape(-1)[S.centre_patch(ring)] == 0  # the hole, where the centre target pointed
 
 
+def test_first_patches_are_each_objects_top_left_patch_of_its_own():
+    """A square's first patch holds its top-left corner; where a later object hides part of an
+    earlier one, the earlier one's first patch is the first it still shows."""
+    square = S.Obj("square", "red", 100.0, 100.0, 56.0)
+    x0 = y0 = 100.0 - 28.0
+    assert S.first_patches(S.Scene([square], theme=0)) == [int(y0 // S.PATCH) * S.GRID + int(x0 // S.PATCH)]
+    hider = S.Obj("circle", "blue", 90.0, 90.0, 40.0)
+    scene = S.Scene([square, hider], theme=0)
+    owner = S.instance_map(scene)
+    firsts = S.first_patches(scene)
+    for i, patch in enumerate(firsts):
+        assert owner[patch] == i and not (owner[:patch] == i).any()
+    assert firsts[0] > S.first_patches(S.Scene([square], theme=0))[0]
+
+
 def test_object_patches_are_the_patches_the_labels_give_each_object():
     scene = S.sample_scene(S.rng_for(4321, "extra", 3))
     _, labels = S.render(scene, with_labels=True)
@@ -191,8 +207,9 @@ def test_object_coverage_bench_layers_config_files_like_the_cli():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     layered = [str(repo / "configs/demo/sparsezip.yaml"), str(repo / "configs/demo/original_positions.yaml")]
+    calibrated = yaml.safe_load((repo / "configs/demo/sparsezip.yaml").read_text())["model"]["compressor"]["dynk"]["scale"]
     assert bench.compressor_settings(layered) == {
         "method": "sparsezip", "dynamic_k": True, "k_min": 8, "k_max": 64,
-        "dynk": {"rule": "attention_entropy", "scale": 1.873}, "merging": {"contextual_num": 16},
+        "dynk": {"rule": "attention_entropy", "scale": calibrated}, "merging": {"contextual_num": 16},
         "visual_positions": "original",
     }

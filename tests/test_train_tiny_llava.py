@@ -136,6 +136,18 @@ def test_anchor_centre_label_marks_one_patch_per_object_where_the_counting_loss_
         assert marked == {int(cells[0]) for _, cells, _ in data.count_targets(scene, "cover")}
 
 
+def test_first_centre_label_marks_where_the_first_anchor_counting_loss_points():
+    _, first = vision.vision_batch(0, 0, 4, centre_label="first")
+    for i in range(4):
+        rng = S.rng_for(0, "train", i)
+        force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], int(rng.integers(1, 4))) if rng.random() < 0.4 else None
+        scene = S.sample_scene(rng, force)
+        marked = set(torch.nonzero(first["center"][i].flatten()).flatten().tolist())
+        targets = data.count_targets(scene, "first")
+        assert marked == {int(cells[0]) for _, cells, _ in targets} == set(S.first_patches(scene))
+        assert [s for s, _, _ in targets] == [o.shape for o in scene.objects]
+
+
 def test_count_heads_option_is_validated():
     assert T.parse_args(["--count-heads", "1,2,3"]).count_heads == (1, 2, 3)
     for bad in ("1,1", "a", "-1", "6"):  # the default LLM has heads 0..5

@@ -273,7 +273,8 @@ def anchor_patch(o: Obj) -> int:
 def first_patches(scene: Scene) -> list[int]:
     """Per object, the first patch in raster order that ``instance_map`` gives it: its top-left
     patch. Unlike ``anchor_patch`` (which breaks ties by the distance to the centre, so it depends
-    on the whole object), a patch's own neighbourhood mostly decides whether it is this one."""
+    on the whole object), a patch's own neighbourhood mostly decides whether it is this one. An
+    object hidden entirely by later ones (the generator never places one) gets its ``anchor_patch``."""
     owner = instance_map(scene)
     return [int(np.flatnonzero(owner == i)[0]) if (owner == i).any() else anchor_patch(o)
             for i, o in enumerate(scene.objects)]

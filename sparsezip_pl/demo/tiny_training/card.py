@@ -48,7 +48,7 @@ def write_card(out: Path, model, args, info: dict) -> None:
     if args.count_grounding_weight > 0:
         where = {"centre": "on the patch holding its centre",
                  "cover": "on the patch the instance covers most, never a ring's hole",
-                 "first": "on the instance's top-left patch (the first it shows in raster order)",
+                 "first": "on its top-left patch, the first it shows in raster order",
                  "spread": "spread evenly over the patches the instance shows, so a big and a small instance "
                            "weigh the same"}[args.count_anchor]
         heads = [str(h) for h in args.count_heads]
