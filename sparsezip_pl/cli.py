@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -21,6 +21,26 @@ from sparsezip_pl.lit.callbacks import (
     to_jsonable,
 )
 from sparsezip_pl.lit.module import SparseZipModule
+
+
+class SaveConfigInRunFolder(SaveConfigCallback):
+    """Lightning's ``config.yaml`` of the run, never written over a file outside a run folder.
+
+    With a logger the file goes into the run's version folder, where rewriting it is safe (a
+    resumed run may reuse a fixed folder). With ``--trainer.logger=false`` Lightning writes it to
+    ``default_root_dir``, by default the working directory, where a ``config.yaml`` may be the
+    user's own: an existing one is then left alone, with a warning, and the run goes on.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not trainer.loggers and not self.already_saved and self.save_to_log_dir:
+            path = Path(trainer.log_dir) / self.config_filename  # log_dir is collective under DDP
+            exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
+            if exists:
+                rank_zero_warn(f"{path} exists and the run has no logger folder: not saving the run's config over it")
+                self.already_saved = True
+                return
+        super().setup(trainer, pl_module, stage)
 
 
 class SparseZipCLI(LightningCLI):
@@ -124,6 +144,7 @@ def main(args=None) -> SparseZipCLI:
         auto_configure_optimizers=False,
         trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="sparsezip")},
         # A resumed run may write into the interrupted run's folder (fixed log or output folders).
+        save_config_callback=SaveConfigInRunFolder,
         save_config_kwargs={"overwrite": True},
         args=args,
     )

@@ -299,3 +299,16 @@ def test_misspelled_config_key_fails_with_a_clear_message(tmp_path, capsys):
         main(["test", "--config", "configs/llava15_7b_hf_mme.yaml", "--config", str(bad), "--print_config"])
     assert exit_info.value.code != 0
     assert "k_maxx" in capsys.readouterr().err
+
+
+def test_without_a_logger_the_run_never_writes_over_a_users_config_yaml(tmp_path, world, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mine = Path(_config(tmp_path, "mine", tiny_model, _eval_data(world), trainer={"logger": False}))
+    users = tmp_path / "config.yaml"
+    users.write_text("# my notes, kept\n" + mine.read_text())
+    with pytest.warns(UserWarning, match="not saving the run's config"):
+        main(["validate", "--config", "config.yaml"])
+    assert users.read_text().startswith("# my notes, kept\n")
+    users.unlink()
+    main(["validate", "--config", str(mine)])  # nothing in the way: Lightning's config.yaml is written
+    assert yaml.safe_load(users.read_text())["model"]["model_path"] == tiny_model
