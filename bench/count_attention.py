@@ -17,6 +17,9 @@ instances, large pairs and small triples look alike.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +30,8 @@ from sparsezip_pl.demo.tiny_llava import Tokenized, shared_prefix_hidden, tower_
 from sparsezip_pl.demo.tiny_training import language_data as data
 
 
-def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8, head: int = 1,
-            anchor: str = "first") -> list[dict]:
+def measure(model, tz: Tokenized, seed: int, n_images: int, anchor: str, batch: int = 8,
+            head: int = 1) -> list[dict]:
     """One row per count question: true count, right or wrong, attention masses, shape patches."""
     args = T.parse_args(["--count-anchor", anchor, "--p-conversation", "0", "--p-caption", "0",
                          "--p-listing", "0", "--p-count-scene", "1.0"])
@@ -64,6 +67,15 @@ def measure(model, tz: Tokenized, seed: int, n_images: int, batch: int = 8, head
     return rows
 
 
+def trained_anchor(checkpoint: Path) -> str:
+    """The ``--count-anchor`` a checkpoint written by the training script was trained with."""
+    results = checkpoint / "eval_results.json"
+    if not results.is_file():
+        raise SystemExit(f"{results} not found: pass --anchor (centre, cover or first)")
+    command = shlex.split(json.loads(results.read_text())["command"])
+    return T.parse_args(command[command.index("sparsezip_pl.demo.train_tiny_llava") + 1:]).count_anchor
+
+
 def report(rows: list[dict]) -> None:
     def line(name: str, sel: list[dict]) -> None:
         if not sel:
@@ -91,10 +103,13 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=2, help="world seed of the scenes (unseen in training: not 0)")
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--head", type=int, default=1, help="last-layer head to read (training's default counting head: 1)")
-    p.add_argument("--anchor", choices=("centre", "cover", "first"), default="first",
-                   help="each instance's anchor patch, as the model's --count-anchor (the shipped model's: first)")
+    p.add_argument("--anchor", choices=("centre", "cover", "first"), default=None,
+                   help="each instance's anchor patch (default: the --count-anchor of the checkpoint's training "
+                        "command, in its eval_results.json)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.anchor is None:
+        args.anchor = trained_anchor(Path(args.checkpoint))
     torch.set_num_threads(args.threads)
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -102,7 +117,7 @@ def main(argv=None) -> None:
     tz = Tokenized(AutoProcessor.from_pretrained(args.checkpoint))
     print(f"{args.checkpoint}: count questions on {args.images} scenes of seed {args.seed}, head {args.head} "
           f"of the last LLM layer, anchors: {args.anchor}\n")
-    report(measure(model, tz, args.seed, args.images, head=args.head, anchor=args.anchor))
+    report(measure(model, tz, args.seed, args.images, args.anchor, head=args.head))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,9 +180,24 @@ def test_count_attention_bench_measures_each_count_question_of_the_shipped_model
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     model = LlavaForConditionalGeneration.from_pretrained(CKPT).eval()
-    rows = bench.measure(model, Tokenized(processor), seed=2, n_images=8)
+    rows = bench.measure(model, Tokenized(processor), seed=2, n_images=8, anchor=bench.trained_anchor(CKPT))
     assert len(rows) >= 8  # every scene asks count pairs (--p-count-scene 1)
     for r in rows:
         assert 1 <= r["n"] <= S.MAX_PER_SHAPE and r["patches"] >= 1
         assert 0.0 <= r["anchor"] and r["sink"] + r["shape"] <= 1.0 + 1e-5
     assert sum(r["right"] for r in rows) > len(rows) / 2  # the shipped model counts better than chance
+
+
+def test_count_attention_bench_reads_the_anchor_a_checkpoint_was_trained_with(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("count_attention", CKPT.parents[1] / "bench/count_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    command = "python -m sparsezip_pl.demo.train_tiny_llava --out 'some dir' --lm-steps 600"
+    (tmp_path / "eval_results.json").write_text(json.dumps({"command": command + " --count-anchor cover"}))
+    assert bench.trained_anchor(tmp_path) == "cover"
+    (tmp_path / "eval_results.json").write_text(json.dumps({"command": command}))
+    assert bench.trained_anchor(tmp_path) == T.parse_args([]).count_anchor  # the script's default
+    with pytest.raises(SystemExit, match="pass --anchor"):
+        bench.trained_anchor(tmp_path / "elsewhere")

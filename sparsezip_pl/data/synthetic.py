@@ -280,6 +280,15 @@ def first_patches(scene: Scene) -> list[int]:
             for i, o in enumerate(scene.objects)]
 
 
+def instance_anchors(scene: Scene, rule: str) -> list[int]:
+    """Per object, the one patch that stands for it: ``centre`` (``centre_patch``), ``cover``
+    (``anchor_patch``) or ``first`` (``first_patches``)."""
+    if rule == "first":
+        return first_patches(scene)
+    pick = {"centre": centre_patch, "cover": anchor_patch}[rule]
+    return [pick(o) for o in scene.objects]
+
+
 def _fill(pattern: str, w: int, cx: float, cy: float) -> np.ndarray:
     """A [w, w] 0/1 map: 1 = object colour, 0 = its darker shade (period 6 px)."""
     y, x = np.mgrid[0:w, 0:w]

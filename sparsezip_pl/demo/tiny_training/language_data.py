@@ -60,14 +60,10 @@ def _listing(words) -> str:
 
 def count_targets(scene, anchor: str) -> list:
     """Per object: (shape, patches, share of the object's counting mass on each) for ``--count-anchor``
-    -- one patch (``centre``: the one holding its centre, ``cover``: ``synthetic.anchor_patch``,
-    ``first``: ``synthetic.first_patches``), or ``spread`` evenly over every patch it shows, so a big
-    and a small object weigh the same."""
-    if anchor == "first":
-        return [(o.shape, np.array([p]), np.ones(1)) for o, p in zip(scene.objects, S.first_patches(scene))]
+    -- one patch (``centre``, ``cover`` or ``first``: ``synthetic.instance_anchors``), or ``spread``
+    evenly over every patch it shows, so a big and a small object weigh the same."""
     if anchor != "spread":
-        pick = S.anchor_patch if anchor == "cover" else S.centre_patch
-        return [(o.shape, np.array([pick(o)]), np.ones(1)) for o in scene.objects]
+        return [(o.shape, np.array([p]), np.ones(1)) for o, p in zip(scene.objects, S.instance_anchors(scene, anchor))]
     owner = S.instance_map(scene)
     out = []
     for i, o in enumerate(scene.objects):

@@ -54,8 +54,7 @@ def vision_batch(seed: int, start: int, n: int, centre_label: str = "centre"):
         labels["size"] = np.where(owner >= 0, np.log(np.maximum(area[owner], 1.0)), 0.0).reshape(S.GRID, S.GRID)
         if centre_label != "centre":
             labels["center"] = np.zeros_like(labels["center"])
-            marks = S.first_patches(scene) if centre_label == "first" else [S.anchor_patch(o) for o in scene.objects]
-            labels["center"].flat[marks] = 1
+            labels["center"].flat[S.instance_anchors(scene, "cover" if centre_label == "anchor" else centre_label)] = 1
         imgs.append(S.jpeg_roundtrip(arr))
         for k in lab:
             lab[k].append(labels[k])
