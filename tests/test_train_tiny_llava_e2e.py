@@ -73,3 +73,21 @@ def test_a_refresh_interrupted_mid_way_resumes_to_the_same_weights(micro_run, tm
     assert any(not torch.equal(straight[k], initial[k]) for k in tower)  # the refresh trained the tower
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("tower_lr", ["0", "1e-2"])
+def test_tower_lr_trains_the_layers_features_come_from_and_nothing_else_of_the_tower(micro_run, tmp_path, tower_lr):
+    from transformers import LlavaForConditionalGeneration
+
+    root, _ = micro_run
+    T.main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w"), *MICRO,
+            "--init-from", str(root / "work" / "state.pt"), "--tower-lr", tower_lr])
+    trained = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
+    initial = torch.load(root / "work" / "state.pt", weights_only=False)["model"]
+    changed = {k for k in trained if "vision_tower" in k and not torch.equal(trained[k], initial[k])}
+    if tower_lr == "0":
+        assert not changed
+    else:  # the micro tower's feature layer is its embeddings (layer -2 of 1); its last layer feeds nothing
+        assert "model.vision_tower.embeddings.patch_embedding.weight" in changed
+        assert not any(".encoder.layers.0." in k or "post_layernorm" in k for k in changed)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if "language_model" in k)

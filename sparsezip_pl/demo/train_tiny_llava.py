@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--lm-batch", type=int, default=8, help="images per step (~11 questions each)")
     p.add_argument("--lm-lr", type=float, default=1.5e-3)
     p.add_argument("--lm-warmup", type=int, default=100)
+    p.add_argument("--tower-lr", type=float, default=0.0,
+                   help="language stage: also train the vision tower, end to end, at this peak lr (same warm-up "
+                        "and cosine as --lm-lr); 0 keeps it frozen")
     p.add_argument("--curriculum-steps", type=int, default=300,
                    help="first language steps see only --curriculum-tokens visual tokens (all object patches + background)")
     p.add_argument("--curriculum-ramp", type=int, default=300, help="then this many steps ramp up to all 576")
@@ -238,7 +241,6 @@ def main(argv=None) -> None:
     elif not state or state["stage"] == "vision":
         times["vision"] = train_vision(model, args, state_path, state, args.vision_crop_steps, args.vision_steps)
         state = None
-    model.model.vision_tower.requires_grad_(False)
     times["language"] = train_lm(model, tz, args, stats, state_path, state, times["vision"])
     times["total"] = times["vision"] + times["language"] + times["earlier_attempt"]
     log(f"training done: {times}")

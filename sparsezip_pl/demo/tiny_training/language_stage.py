@@ -1,4 +1,5 @@
-"""Stage 2: tower frozen, projector + LLM learn to answer (with the auxiliary losses)."""
+"""Stage 2: projector + LLM learn to answer (with the auxiliary losses); the tower is frozen unless
+``--tower-lr`` trains it too, end to end."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=No
                parts: dict | None = None, readout_weight: float = 0.0, shape_only: bool = False,
                keep_weight: float = 0.0, count_heads: tuple[int, ...] = (1,)):
     ids, pos, seg, labels, answer_at = packed
-    with torch.no_grad():
+    tower_trains = model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad  # --tower-lr
+    with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
         feats = tower_features(model, px)
     n_text = len(tz.prefix)
     prefix_pos = None
@@ -108,7 +110,12 @@ def quick_eval(model, tz, args, stats, n_images: int = 48) -> dict:
 
 
 def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | None, vision_time: float):
-    model.model.vision_tower.requires_grad_(False)
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    if args.tower_lr > 0:  # the layers the features come from (the last one feeds nothing)
+        tower.embeddings.requires_grad_(True)
+        tower.pre_layrnorm.requires_grad_(True)
+        tower.encoder.layers[:-1].requires_grad_(True)
     text = model.config.text_config
     route = RouteHeads(text.hidden_size, text.hidden_size // text.num_attention_heads)
     if state and state.get("route") is not None:
@@ -116,10 +123,14 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower")]
     if max(args.route_weight, args.readout_weight, args.keep_weight) > 0:
         params += list(route.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lm_lr, betas=(0.9, 0.98))
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    tower_params = [p for p in tower.parameters() if p.requires_grad]
+    if tower_params:
+        groups.append({"params": tower_params, "weight_decay": 0.01})
+        params += tower_params
+    peak_lrs = [args.lm_lr, args.lm_lr, args.tower_lr][:len(groups)]
+    opt = torch.optim.AdamW(groups, lr=args.lm_lr, betas=(0.9, 0.98))
     start, prior = 0, 0.0
     if state and state.get("stage") == "language" and state.get("opt") is not None:
         opt.load_state_dict(state["opt"])
@@ -134,8 +145,8 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
     losses = []
     parts: dict = {}
     for step in range(start, args.lm_steps):
-        for g in opt.param_groups:
-            g["lr"] = args.lm_lr * cosine(step, args.lm_steps, args.lm_warmup)
+        for g, peak in zip(opt.param_groups, peak_lrs):
+            g["lr"] = peak * cosine(step, args.lm_steps, args.lm_warmup)
         n_keep = curriculum_tokens(step, args)
         px, packed, fams, keep, ground = lm_batch(tz, args.seed, step * args.lm_batch, args.lm_batch, args, stats,
                                                   n_keep=n_keep)
