@@ -22,6 +22,8 @@ def write_card(out: Path, model, args, info: dict) -> None:
                    + {"centre": "", "anchor": ", the centre label on each object's anchor patch",
                       "first": ", the centre label on each object's top-left patch"}[args.vision_centre_label]
                    + (f", centre loss x{args.vision_centre_weight}" if args.vision_centre_weight != 1 else "") + ").")
+    tower = (f"the tower trained too, end to end, at lr {args.tower_lr} (the same schedule)" if args.tower_lr > 0
+             else "tower frozen")
     c = model.config
     v, t = c.vision_config, c.text_config
     pc = info["params"]
@@ -160,7 +162,7 @@ Command (run from the repository root, {args.threads} CPU thread{'s' if args.thr
    counts from CLS; on crops only the patch heads and which shapes the crop holds).{refresh}
    {info['time']['vision'] / 60:.1f} min.
 2. Language ({args.lm_steps} steps x {args.lm_batch} images, {info['items_per_image']:.1f} items per image on average,
-   AdamW lr {args.lm_lr}, {args.lm_warmup} warm-up steps + cosine; tower frozen; projector + LLM trained;
+   AdamW lr {args.lm_lr}, {args.lm_warmup} warm-up steps + cosine; {tower}; projector + LLM trained;
    loss on assistant tokens only). {caption}{curriculum}
    An image's questions share its visual prefix (computed once; the questions are packed in rows of
    at most {args.row_tokens} tokens behind it, with a block-causal mask and positions restarting after
