@@ -10,9 +10,9 @@ Curriculum (each stage from the previous one's weights, all seeds fixed):
    shape-colour pairs are present and how many of each (so CLS attention looks at objects, as in
    a real CLIP). The heads are thrown away afterwards. With ``--init-from``, ``--vision-refresh-steps``
    continues this stage on the loaded tower before the language stage re-adapts.
-3. language: tower frozen (``--tower-lr`` trains it too); projector + LLaMA LLM learn to answer, with the chat template the
-   project's hf backend uses (``processor.apply_chat_template``) and the LLaVA-1.5 short-answer
-   suffix on yes/no questions. An image's questions share its visual prefix (exact, see
+3. language: tower frozen (``--tower-lr`` trains it too); projector + LLaMA LLM learn to answer,
+   with the chat template the project's hf backend uses (``processor.apply_chat_template``) and
+   the LLaVA-1.5 short-answer suffix on yes/no questions. An image's questions share its visual prefix (exact, see
    ``tiny_llava.check_fast_paths``), so one image pays for ~15 items. Options that made the
    answers look at the image in a CPU budget: a token curriculum (first only the object patches
    plus some background, then all 576), caption and listing items, and a grounding loss on where
