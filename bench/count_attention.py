@@ -10,7 +10,7 @@ the rest on the text prefix. For count questions on fresh training-style scenes 
 attention mass on the text prefix (sink), on the instances' anchor patches (where the counting
 loss points: ``--anchor``, the training script's ``--count-anchor``) and on all patches of the
 asked shape, and how many such patches there are -- for right and wrong answers apart, then the
-spread of the shape's mass per n. If the mass tracks the shape's area more than its number of
+spread of the shape's mass per n, and the accuracy for each count asked. If the mass tracks the shape's area more than its number of
 instances, large pairs and small triples look alike.
 """
 
@@ -52,7 +52,8 @@ def measure(model, tz: Tokenized, seed: int, n_images: int, anchor: str, batch: 
             q, k = capture["q"][:, head].float(), capture["k"][:, head].float()
             for b, (firsts, fam_list) in enumerate(zip(answer_at, fams)):
                 shapes = ground["shape_maps"][b] // 16
-                for rc, (fam, ans, _), shape in zip(firsts, fam_list, ground["asked_shapes"][b]):
+                for rc, (fam, ans, _), shape, named in zip(firsts, fam_list, ground["asked_shapes"][b],
+                                                           ground["attributes"][b]):
                     if fam != "count" or rc is None or shape is None:
                         continue
                     attn = torch.softmax((q[b, rc[0] * C + rc[1]] @ k[b].T) * capture["scale"], -1)
@@ -60,7 +61,7 @@ def measure(model, tz: Tokenized, seed: int, n_images: int, anchor: str, batch: 
                     on_shape = shapes == S.SHAPES.index(shape) + 1
                     logits = model.lm_head(hidden[b, rc[0], rc[1]])
                     said_yes = bool(logits[yes_id] > logits[no_id])
-                    rows.append({"n": len(anchors), "right": said_yes == (ans == "Yes"),
+                    rows.append({"n": len(anchors), "asked": named["number"], "right": said_yes == (ans == "Yes"),
                                  "sink": attn[:n_text].sum().item(),
                                  "anchor": attn[n_text:][anchors].sum().item() if anchors else 0.0,
                                  "shape": attn[n_text:][on_shape].sum().item(), "patches": int(on_shape.sum())})
@@ -90,6 +91,13 @@ def report(rows: list[dict]) -> None:
         line(f"{n}", sel)
         line("  right", [r for r in sel if r["right"]])
         line("  wrong", [r for r in sel if not r["right"]])
+    print("\nby the count asked: questions, accuracy %, mean shape patches of the right / wrong answers")
+    for n in range(1, S.MAX_PER_SHAPE + 1):
+        for asked in sorted({r["asked"] for r in rows if r["n"] == n}):
+            sel = [r for r in rows if r["n"] == n and r["asked"] == asked]
+            patches = [np.mean([r["patches"] for r in sel if r["right"] == ok] or [np.nan]) for ok in (True, False)]
+            print(f"  {n} asked as {asked}: {len(sel):4d} {100 * np.mean([r['right'] for r in sel]):6.1f} "
+                  f"{patches[0]:6.1f} / {patches[1]:.1f}")
     print("\nattention mass on the asked shape, 10th / 50th / 90th percentile")
     for n in range(1, S.MAX_PER_SHAPE + 1):
         mass = [r["shape"] for r in rows if r["n"] == n]

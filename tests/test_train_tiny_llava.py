@@ -184,6 +184,7 @@ def test_count_attention_bench_measures_each_count_question_of_the_shipped_model
     assert len(rows) >= 8  # every scene asks count pairs (--p-count-scene 1)
     for r in rows:
         assert 1 <= r["n"] <= S.MAX_PER_SHAPE and r["patches"] >= 1
+        assert abs(r["asked"] - r["n"]) <= 1  # the count asked: the true one or a neighbour of it
         assert 0.0 <= r["anchor"] and r["sink"] + r["shape"] <= 1.0 + 1e-5
     assert sum(r["right"] for r in rows) > len(rows) / 2  # the shipped model counts better than chance
 
