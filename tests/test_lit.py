@@ -312,3 +312,14 @@ def test_without_a_logger_the_run_never_writes_over_a_users_config_yaml(tmp_path
     users.unlink()
     main(["validate", "--config", str(mine)])  # nothing in the way: Lightning's config.yaml is written
     assert yaml.safe_load(users.read_text())["model"]["model_path"] == tiny_model
+
+
+def test_without_a_logger_test_never_writes_over_an_existing_results_json(tmp_path, world, tiny_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, "mine", tiny_model, _eval_data(world), trainer={"logger": False})
+    users = tmp_path / "results.json"
+    users.write_text('{"my": "numbers"}')
+    with pytest.warns(UserWarning, match="results saved as .*results-2.json"):
+        main(["test", "--config", config])
+    assert json.loads(users.read_text()) == {"my": "numbers"}
+    assert json.loads((tmp_path / "results-2.json").read_text())["test/pope/num_samples"] > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sparsezip_pl.data.mme import write_mme_export
 
@@ -465,7 +467,12 @@ def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> No
 class ResultsTable(L.Callback):
     """At the end of ``test``, prints the benchmark figures and saves them as ``results.json``
     and a TensorBoard text table, alongside the token budget and the skipped samples
-    (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy ones)."""
+    (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy ones).
+
+    Without a logger the file goes to ``default_root_dir`` (by default the working directory),
+    where a ``results.json`` may be someone's own: it is then left alone and the figures go to
+    the first free ``results-N.json``, with a warning that names it.
+    """
 
     def on_test_end(self, trainer, pl_module) -> None:
         folder = _run_dir(trainer)  # collective: before the rank check
@@ -478,7 +485,13 @@ class ResultsTable(L.Callback):
             results.update({f"skipped/{k}": float(v) for k, v in skipped.items()})
             results["skipped/total"] = float(sum(skipped.values()))
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
+        path = folder / "results.json"
+        if not trainer.loggers and path.exists():
+            path = next(folder / f"results-{n}.json" for n in itertools.count(2)
+                        if not (folder / f"results-{n}.json").exists())
+            rank_zero_warn(f"{folder / 'results.json'} exists and the run has no logger folder: "
+                           f"results saved as {path} instead")
+        path.write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in sorted(results.items()))
         pl_module.print(table)
         writer = _tensorboard(trainer)
