@@ -10,8 +10,9 @@ the rest on the text prefix. For count questions on fresh training-style scenes 
 attention mass on the text prefix (sink), on the instances' anchor patches (where the counting
 loss points: ``--anchor``, the training script's ``--count-anchor``) and on all patches of the
 asked shape, and how many such patches there are -- for right and wrong answers apart, then the
-spread of the shape's mass per n, and the accuracy for each count asked. If the mass tracks the shape's area more than its number of
-instances, large pairs and small triples look alike.
+spread of the shape's mass per n, the accuracy for each count asked, and how well one threshold on
+either mass alone could tell n from n + 1 instances. If the mass tracks the shape's area more
+than its number of instances, large pairs and small triples look alike.
 """
 
 from __future__ import annotations
@@ -103,6 +104,21 @@ def report(rows: list[dict]) -> None:
         mass = [r["shape"] for r in rows if r["n"] == n]
         if mass:
             print(f"  n={n}: " + " / ".join(f"{v:.3f}" for v in np.percentile(mass, [10, 50, 90])))
+    print("\nbest accuracy of one threshold telling n from n + 1 instances, on the mass on the anchors / the shape")
+    for n in range(1, S.MAX_PER_SHAPE):
+        fewer, more = ([r for r in rows if r["n"] == m] for m in (n, n + 1))
+        if fewer and more:
+            print(f"  {n} vs {n + 1}: " + " / ".join(
+                f"{100 * threshold_accuracy([r[k] for r in fewer], [r[k] for r in more]):.1f}" for k in ("anchor", "shape")))
+
+
+def threshold_accuracy(fewer: list[float], more: list[float]) -> float:
+    """The best share of values classified right by one cut (``fewer`` below it, ``more`` at or above)."""
+    values = np.concatenate([fewer, more])
+    is_more = np.concatenate([np.zeros(len(fewer)), np.ones(len(more))])[np.argsort(values, kind="stable")]
+    # a cut before sorted position i: the i lowest are called "fewer"
+    right = np.concatenate([[0], np.cumsum(1 - is_more)]) + np.concatenate([np.cumsum(is_more[::-1])[::-1], [0]])
+    return float(right.max() / len(values))
 
 
 def main(argv=None) -> None:

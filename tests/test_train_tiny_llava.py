@@ -171,14 +171,20 @@ def test_spread_count_targets_weigh_every_visible_object_the_same():
     assert [cells.tolist() for _, cells, _ in cover] == [[S.anchor_patch(o)] for o in scene.objects]
 
 
-def test_count_attention_bench_measures_each_count_question_of_the_shipped_model(processor):
+def _count_attention_bench():
+    """bench/count_attention.py as a module (bench/ is not a package)."""
     import importlib.util
-
-    from transformers import LlavaForConditionalGeneration
 
     spec = importlib.util.spec_from_file_location("count_attention", CKPT.parents[1] / "bench/count_attention.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_count_attention_bench_measures_each_count_question_of_the_shipped_model(processor):
+    from transformers import LlavaForConditionalGeneration
+
+    bench = _count_attention_bench()
     model = LlavaForConditionalGeneration.from_pretrained(CKPT).eval()
     rows = bench.measure(model, Tokenized(processor), seed=2, n_images=8, anchor=bench.trained_anchor(CKPT))
     assert len(rows) >= 8  # every scene asks count pairs (--p-count-scene 1)
@@ -189,12 +195,15 @@ def test_count_attention_bench_measures_each_count_question_of_the_shipped_model
     assert sum(r["right"] for r in rows) > len(rows) / 2  # the shipped model counts better than chance
 
 
-def test_count_attention_bench_reads_the_anchor_a_checkpoint_was_trained_with(tmp_path):
-    import importlib.util
+def test_count_attention_bench_threshold_accuracy_is_the_best_single_cut():
+    bench = _count_attention_bench()
+    assert bench.threshold_accuracy([0.1, 0.2], [0.3]) == 1.0
+    assert bench.threshold_accuracy([0.5, 0.6], [0.1, 0.2]) == 0.5  # reversed: best is one class for all
+    assert bench.threshold_accuracy([0.1, 0.4], [0.3, 0.5]) == 0.75
 
-    spec = importlib.util.spec_from_file_location("count_attention", CKPT.parents[1] / "bench/count_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+
+def test_count_attention_bench_reads_the_anchor_a_checkpoint_was_trained_with(tmp_path):
+    bench = _count_attention_bench()
     command = "python -m sparsezip_pl.demo.train_tiny_llava --out 'some dir' --lm-steps 600"
     (tmp_path / "eval_results.json").write_text(json.dumps({"command": command + " --count-anchor cover"}))
     assert bench.trained_anchor(tmp_path) == "cover"
