@@ -19,6 +19,7 @@ from sparsezip_pl.lit.callbacks import (
     ResultsTable,
     TokenBudgetLogger,
     to_jsonable,
+    unused_path,
 )
 from sparsezip_pl.lit.module import SparseZipModule
 
@@ -29,17 +30,18 @@ class SaveConfigInRunFolder(SaveConfigCallback):
     With a logger the file goes into the run's version folder, where rewriting it is safe (a
     resumed run may reuse a fixed folder). With ``--trainer.logger=false`` Lightning writes it to
     ``default_root_dir``, by default the working directory, where a ``config.yaml`` may be the
-    user's own: an existing one is then left alone, with a warning, and the run goes on.
+    user's own: an existing one is then left alone and the run's config goes to the first free
+    ``config-N.yaml`` (:func:`~sparsezip_pl.lit.callbacks.unused_path`, as ``results.json`` does),
+    with a warning that names it.
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not trainer.loggers and not self.already_saved and self.save_to_log_dir:
             path = Path(trainer.log_dir) / self.config_filename  # log_dir is collective under DDP
-            exists = trainer.strategy.broadcast(path.exists() if trainer.is_global_zero else False)
-            if exists:
-                rank_zero_warn(f"{path} exists and the run has no logger folder: not saving the run's config over it")
-                self.already_saved = True
-                return
+            free = trainer.strategy.broadcast(unused_path(path).name if trainer.is_global_zero else None)
+            if free != path.name:
+                rank_zero_warn(f"{path} exists and the run has no logger folder: its config saved as {free} instead")
+                self.config_filename = free
         super().setup(trainer, pl_module, stage)
 
 

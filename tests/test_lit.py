@@ -301,14 +301,15 @@ def test_misspelled_config_key_fails_with_a_clear_message(tmp_path, capsys):
     assert "k_maxx" in capsys.readouterr().err
 
 
-def test_without_a_logger_the_run_never_writes_over_a_users_config_yaml(tmp_path, world, tiny_model, monkeypatch):
+def test_without_a_logger_the_run_saves_its_config_beside_a_users_config_yaml(tmp_path, world, tiny_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     mine = Path(_config(tmp_path, "mine", tiny_model, _eval_data(world), trainer={"logger": False}))
     users = tmp_path / "config.yaml"
     users.write_text("# my notes, kept\n" + mine.read_text())
-    with pytest.warns(UserWarning, match="not saving the run's config"):
+    with pytest.warns(UserWarning, match="config saved as config-2.yaml"):
         main(["validate", "--config", "config.yaml"])
     assert users.read_text().startswith("# my notes, kept\n")
+    assert yaml.safe_load((tmp_path / "config-2.yaml").read_text())["model"]["model_path"] == tiny_model
     users.unlink()
     main(["validate", "--config", str(mine)])  # nothing in the way: Lightning's config.yaml is written
     assert yaml.safe_load(users.read_text())["model"]["model_path"] == tiny_model
@@ -323,3 +324,12 @@ def test_without_a_logger_test_never_writes_over_an_existing_results_json(tmp_pa
         main(["test", "--config", config])
     assert json.loads(users.read_text()) == {"my": "numbers"}
     assert json.loads((tmp_path / "results-2.json").read_text())["test/pope/num_samples"] > 0
+
+
+def test_unused_path_is_the_first_free_numbered_name(tmp_path):
+    from sparsezip_pl.lit.callbacks import unused_path
+
+    assert unused_path(tmp_path / "results.json") == tmp_path / "results.json"
+    for name in ("results.json", "results-2.json"):
+        (tmp_path / name).write_text("{}")
+    assert unused_path(tmp_path / "results.json") == tmp_path / "results-3.json"

@@ -43,6 +43,18 @@ def _run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def unused_path(path: Path) -> Path:
+    """``path`` if nothing is there yet, else the first free ``STEM-N.SUFFIX`` beside it (N = 2, 3, ...).
+
+    How a run without a logger folder writes into ``default_root_dir`` (by default the working
+    directory) without replacing a file already there, which may be someone's own.
+    """
+    if not path.exists():
+        return path
+    numbered = (path.with_name(f"{path.stem}-{n}{path.suffix}") for n in itertools.count(2))
+    return next(free for free in numbered if not free.exists())
+
+
 def _all_gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
     """``obj`` of every process (``[obj]`` in a single process); collective under DDP."""
     if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -469,9 +481,9 @@ class ResultsTable(L.Callback):
     and a TensorBoard text table, alongside the token budget and the skipped samples
     (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy ones).
 
-    Without a logger the file goes to ``default_root_dir`` (by default the working directory),
-    where a ``results.json`` may be someone's own: it is then left alone and the figures go to
-    the first free ``results-N.json``, with a warning that names it.
+    Without a logger the file goes to ``default_root_dir``; an existing ``results.json`` there is
+    left alone and the figures go to the first free ``results-N.json`` (:func:`unused_path`),
+    with a warning that names it.
     """
 
     def on_test_end(self, trainer, pl_module) -> None:
@@ -486,11 +498,9 @@ class ResultsTable(L.Callback):
             results["skipped/total"] = float(sum(skipped.values()))
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "results.json"
-        if not trainer.loggers and path.exists():
-            path = next(folder / f"results-{n}.json" for n in itertools.count(2)
-                        if not (folder / f"results-{n}.json").exists())
-            rank_zero_warn(f"{folder / 'results.json'} exists and the run has no logger folder: "
-                           f"results saved as {path} instead")
+        if not trainer.loggers and (free := unused_path(path)) != path:
+            rank_zero_warn(f"{path} exists and the run has no logger folder: results saved as {free} instead")
+            path = free
         path.write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in sorted(results.items()))
         pl_module.print(table)
