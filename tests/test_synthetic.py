@@ -126,6 +126,39 @@ def test_questions_are_true_to_the_scene():
                     assert actual[side] == truth
 
 
+def _count_words(question: str) -> tuple[str, str]:
+    m = re.search(r"exactly (\w+) (\w+) in", question)
+    return m.group(1), m.group(2)
+
+
+def test_count_pairs_cannot_be_answered_from_the_text():
+    """Each number word is the right answer as often as the wrong one, and no count the world cannot
+    hold is asked (a question about four was always "No", whatever the image)."""
+    asked = {w: {"Yes": 0, "No": 0} for w in S.NUMBER_WORDS.values()}
+    for i in range(3000):
+        scene, (yes_q, no_q) = S.mme_scene(S.rng_for(5, "extra", i), "count")
+        (yes_word, shape), (no_word, _) = _count_words(yes_q), _count_words(no_q)
+        n = {v: k for k, v in S.NUMBER_WORDS.items()}[yes_word]
+        assert scene.count(shape if n == 1 else {v: k for k, v in S.PLURALS.items()}[shape]) == n
+        asked[yes_word]["Yes"] += 1
+        asked[no_word]["No"] += 1
+    assert asked["four"] == {"Yes": 0, "No": 0}
+    for word in ("one", "two", "three"):
+        share_yes = asked[word]["Yes"] / (asked[word]["Yes"] + asked[word]["No"])
+        assert abs(share_yes - 0.5) < 0.04, (word, asked[word])
+    # the best text-only answerer (the majority answer of each number word) is at chance
+    majority = sum(max(c.values()) for c in asked.values())
+    assert majority / (2 * 3000) < 0.53
+
+
+def test_question_pairs_never_ask_a_count_beyond_what_the_world_holds():
+    for i in range(400):
+        rng = S.rng_for(6, "extra", i)
+        pair = S.yes_no_pair(S.sample_scene(rng), "count", rng)
+        if pair is not None:
+            assert all(_count_words(q)[0] != S.NUMBER_WORDS[S.MAX_PER_SHAPE + 1] for q in pair)
+
+
 def test_world_has_small_objects_clutter_and_cooccurrence():
     arr, labels = S.render(S.sample_scene(S.rng_for(0, "extra", 0)), with_labels=True)
     assert arr.shape == (336, 336, 3) and arr.dtype == np.uint8

@@ -136,6 +136,9 @@ def parse_args(argv=None):
     p.add_argument("--history", default="", help="markdown file: how the --init-from weights were made (commands)")
     p.add_argument("--card-only", type=int, default=0,
                    help="rewrite MODEL_CARD.md from OUT/eval_results.json (written by a finished run)")
+    p.add_argument("--reevaluate", type=int, default=0,
+                   help="with --card-only: measure the saved checkpoint again with this code's worlds and evaluation "
+                        "(held-out world, careless subsets, stock-path slice, --other-seeds) before writing the card")
     args = p.parse_args(argv)
     if max(args.count_heads) >= args.lm_heads:
         p.error(f"--count-heads {','.join(map(str, args.count_heads))}: the LLM has heads 0..{args.lm_heads - 1}")
@@ -180,6 +183,47 @@ def overall(results: dict) -> float:
     return sum(results[f]["acc"] * results[f]["n"] for f in E.FAMILIES) / n
 
 
+def evaluate_checkpoint(model, processor, args, work: Path) -> dict:
+    """The card's measurements of a saved checkpoint: the held-out world of ``--eval-seed`` with all
+    tokens and the careless 64-token subsets, the stock path on a slice of it, and, with
+    ``--other-seeds``, all-token results on those worlds."""
+    world = S.generate_world(work / f"heldout_seed{args.eval_seed}", seed=args.eval_seed,
+                             n_mme_images=args.eval_mme_images, n_pope_images=args.eval_pope_images,
+                             n_instruct=0)
+    from PIL import Image
+
+    img = Image.open(sorted(Path(world["pope_image_folder"]).glob("*.jpg"))[0]).convert("RGB")
+    err = check_fast_paths(model, processor, img, [("Is there a star in the image?" + S.SHORT_ANSWER, "Yes"),
+                                                   ("How many stars are there?", "There is one star.")])
+    log(f"fast path vs stock forward: max logit difference {err:.2e}")
+
+    results = {}
+    for name, policy in (("all", None), ("random64", "random"), ("stride64", "stride")):
+        t = time.time()
+        results[name] = E.evaluate_world(model, processor, world, keep_policy=policy, n_keep=64, seed=args.seed)
+        log(f"held-out eval [{name}] in {time.time() - t:.0f}s: "
+            + " ".join(f"{f}={results[name][f]['acc']:.1f}" for f in E.FAMILIES))
+    t = time.time()
+    honest = E.evaluate_world(model, processor, world, max_mme_images=args.honest_images,
+                              max_pope_images=args.honest_images, honest=True)
+    fast_slice = E.evaluate_world(model, processor, world, max_mme_images=args.honest_images,
+                                  max_pope_images=args.honest_images)
+    n = len(honest["answers"])
+    agree = 100.0 * np.mean([honest["answers"][k] == fast_slice["answers"][k] for k in honest["answers"]])
+    log(f"stock path (processor + generate) on the slice in {time.time() - t:.0f}s: "
+        + " ".join(f"{f}={honest[f]['acc']:.1f}" for f in E.FAMILIES))
+
+    print("\n" + E.format_table({"all 576 tokens": results["all"], "random 64": results["random64"],
+                                  "uniform stride 64": results["stride64"]}) + "\n", flush=True)
+    for r in list(results.values()) + [honest, fast_slice]:
+        r.pop("answers")
+    out = {"fast_path_err": err, "eval": results, "honest": {"agree": agree, "n": n, "acc": overall(honest)},
+           "test_margin": 8.0, "overall_all": overall(results["all"])}
+    if args.other_seeds:
+        out["other_worlds"] = other_worlds(model, processor, args)
+    return out
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -189,20 +233,24 @@ def main(argv=None) -> None:
     command = "python -m sparsezip_pl.demo.train_tiny_llava " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"args: {vars(args)}")
     if args.card_only:
-        from transformers import LlavaForConditionalGeneration
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        info = json.loads((out / "eval_results.json").read_text())
-        info.update(derived_info(args))
-        if args.other_seeds and "other_worlds" not in info:
-            from transformers import AutoProcessor
-
-            info["other_worlds"] = other_worlds(LlavaForConditionalGeneration.from_pretrained(out).eval(),
-                                                AutoProcessor.from_pretrained(out), args)
+        # what the training run recorded wins: this code's question sampler may give other item counts
+        info = {**derived_info(args), **json.loads((out / "eval_results.json").read_text())}
+        model, processor = LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+        if args.reevaluate:
+            t_eval = time.time()
+            info.pop("other_worlds", None)
+            info.update(evaluate_checkpoint(model, processor, args, work))
+            info["time"]["eval"] = time.time() - t_eval
+            info["reevaluated"] = True
+        elif args.other_seeds and "other_worlds" not in info:
+            info["other_worlds"] = other_worlds(model, processor, args)
         (out / "eval_results.json").write_text(json.dumps(info, indent=1, default=float))
-        write_card(out, LlavaForConditionalGeneration.from_pretrained(out), args, info)
+        write_card(out, model, args, info)
         info["size_mb"] = dir_size(out) / 1e6
         (out / "eval_results.json").write_text(json.dumps(info, indent=1, default=float))
-        write_card(out, LlavaForConditionalGeneration.from_pretrained(out), args, info)
+        write_card(out, model, args, info)
         log(f"rewrote {out / 'MODEL_CARD.md'}")
         return
 
@@ -257,50 +305,9 @@ def main(argv=None) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     model.eval()
-    world = S.generate_world(work / f"heldout_seed{args.eval_seed}", seed=args.eval_seed,
-                             n_mme_images=args.eval_mme_images, n_pope_images=args.eval_pope_images,
-                             n_instruct=0)
-    from PIL import Image
-
-    img = Image.open(sorted(Path(world["pope_image_folder"]).glob("*.jpg"))[0]).convert("RGB")
-    err = check_fast_paths(model, processor, img, [("Is there a star in the image?" + S.SHORT_ANSWER, "Yes"),
-                                                   ("How many stars are there?", "There is one star.")])
-    log(f"fast path vs stock forward: max logit difference {err:.2e}")
-
-    results = {}
-    for name, policy in (("all", None), ("random64", "random"), ("stride64", "stride")):
-        t = time.time()
-        results[name] = E.evaluate_world(model, processor, world, keep_policy=policy, n_keep=64, seed=args.seed)
-        log(f"held-out eval [{name}] in {time.time() - t:.0f}s: "
-            + " ".join(f"{f}={results[name][f]['acc']:.1f}" for f in E.FAMILIES))
-    t = time.time()
-    honest = E.evaluate_world(model, processor, world, max_mme_images=args.honest_images,
-                              max_pope_images=args.honest_images, honest=True)
-    fast_slice = E.evaluate_world(model, processor, world, max_mme_images=args.honest_images,
-                                  max_pope_images=args.honest_images)
-    n = len(honest["answers"])
-    agree = 100.0 * np.mean([honest["answers"][k] == fast_slice["answers"][k] for k in honest["answers"]])
-    log(f"stock path (processor + generate) on the slice in {time.time() - t:.0f}s: "
-        + " ".join(f"{f}={honest[f]['acc']:.1f}" for f in E.FAMILIES))
-
-    print("\n" + E.format_table({"all 576 tokens": results["all"], "random 64": results["random64"],
-                                  "uniform stride 64": results["stride64"]}) + "\n", flush=True)
-    info = {
-        "command": command,
-        "params": pc,
-        "time": times,
-        "fast_path_err": err,
-        "eval": results,
-        "honest": {"agree": agree, "n": n, "acc": overall(honest)},
-        "test_margin": 8.0,
-        "overall_all": overall(results["all"]),
-    }
+    info = {"command": command, "params": pc, "time": times, **evaluate_checkpoint(model, processor, args, work)}
     info.update(derived_info(args))
-    if args.other_seeds:
-        info["other_worlds"] = other_worlds(model, processor, args)
     times["eval"] = time.time() - t_eval
-    for r in list(results.values()) + [honest, fast_slice]:
-        r.pop("answers")
     (out / "eval_results.json").write_text(json.dumps(info, indent=1, default=float))
     info["size_mb"] = dir_size(out) / 1e6
     write_card(out, model, args, info)

@@ -12,6 +12,13 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+REEVALUATED = """The figures in this section were measured again after training, by `--card-only 1 --reevaluate 1`
+with the world generator and evaluation of the commit that wrote this card; the held-out scores the
+training history quotes were measured with the code of their time.
+
+"""
+
+
 def write_card(out: Path, model, args, info: dict) -> None:
     refresh = ""
     if args.vision_refresh_steps:
@@ -175,7 +182,7 @@ with 2 cores shared with other jobs (threads per run: `--threads`, default 1). H
 
 ## Held-out accuracy
 
-Held-out world: `generate_world(seed={args.eval_seed}, n_mme_images={args.eval_mme_images}, n_pope_images={args.eval_pope_images})`,
+{REEVALUATED if info.get("reevaluated") else ""}Held-out world: `generate_world(seed={args.eval_seed}, n_mme_images={args.eval_mme_images}, n_pope_images={args.eval_pope_images})`,
 read back from its files (MME txt, POPE json lines), greedy decoding of up to 3 tokens, answers
 parsed with FORMATS.md's MME and POPE rules. Accuracy in % (MME: per question; POPE: per probe).
 "random 64" / "uniform stride 64" keep 64 of the 576 visual tokens (a random subset per image / a

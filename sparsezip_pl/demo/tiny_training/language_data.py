@@ -15,7 +15,7 @@ def training_items(rng, args, stats):
     """A scene and its training conversations: [(turns, family)] (turns = [(q, a), ...])."""
     force = None
     if rng.random() < args.p_count_scene:
-        force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], int(rng.integers(1, 4)))
+        force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], S.draw_pinned_count(rng))
     scene = S.sample_scene(rng, force)
     items, seen = [], set()
 
@@ -26,10 +26,8 @@ def training_items(rng, args, stats):
 
     for fam in S.MME_FAMILIES:
         for k in range(args.pairs_per_family):
-            if fam == "count" and force is not None and k == 0:  # balanced counts 1..3
-                n = scene.count(force[0])
-                wrong = [m for m in (n - 1, n + 1) if 1 <= m <= 4]
-                add((S.q_count(force[0], n), S.q_count(force[0], wrong[int(rng.integers(len(wrong)))])), fam)
+            if fam == "count" and force is not None and k == 0:  # the benchmark's balanced counts
+                add(S.count_pair(force[0], scene.count(force[0]), rng), fam)
             else:
                 add(S.yes_no_pair(scene, fam, rng), fam)
     present, absent = scene.present(), scene.absent()
