@@ -112,3 +112,14 @@ def test_multi_seed_evaluation_reports_each_world_and_their_mean(tmp_path):
         accs = [columns[f"seed {s}"][family]["acc"] for s in (7, 8)]
         assert columns["mean"][family]["acc"] == pytest.approx(sum(accs) / 2)
         assert columns["seed 7"][family]["n"] == 4 if family.startswith("mme") else columns["seed 7"][family]["n"] > 0
+
+
+def test_training_builds_the_shipped_tokenizer(tmp_path):
+    """`train_tiny_llava` rebuilds its tokenizer from `synthetic.world_texts` on every run, also when it
+    continues from saved weights (--init-from): if that corpus drifted with the world's question
+    sampler, the continued weights would silently read other token ids."""
+    from sparsezip_pl.demo.tiny_llava import build_processor
+
+    build_processor(S.world_texts(0), tmp_path / "build").save_pretrained(tmp_path / "saved")
+    built = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert built == json.loads((CKPT / "tokenizer.json").read_text())

@@ -417,8 +417,8 @@ def q_count(shape: str, n: int) -> str:
     return f"Are there exactly {NUMBER_WORDS[n]} {PLURALS[shape]} in the image?"
 
 
-def _count_neighbours(n: int) -> list[int]:
-    return [m for m in (n - 1, n + 1) if 1 <= m <= MAX_PER_SHAPE]
+def _count_neighbours(n: int, max_count: int = MAX_PER_SHAPE) -> list[int]:
+    return [m for m in (n - 1, n + 1) if 1 <= m <= max_count]
 
 
 def draw_pinned_count(rng: np.random.Generator) -> int:
@@ -432,11 +432,11 @@ def draw_pinned_count(rng: np.random.Generator) -> int:
     return 1 + int(rng.choice(MAX_PER_SHAPE, p=weights / weights.sum()))
 
 
-def count_pair(shape: str, n: int, rng: np.random.Generator) -> tuple[str, str]:
+def count_pair(shape: str, n: int, rng: np.random.Generator, max_count: int = MAX_PER_SHAPE) -> tuple[str, str]:
     """``(yes, no)`` count questions about ``shape`` shown ``n`` times; the wrong count is n - 1 or
-    n + 1, never one the world cannot hold (more than ``MAX_PER_SHAPE``), which the text alone
-    would give away."""
-    wrong = _count_neighbours(n)
+    n + 1, never above ``max_count``: by default never a count the world cannot hold, which the text
+    alone would give away."""
+    wrong = _count_neighbours(n, max_count)
     return q_count(shape, n), q_count(shape, wrong[int(rng.integers(len(wrong)))])
 
 
@@ -464,8 +464,9 @@ def _sides(o: Obj, margin: float = 36.0) -> list[str]:
     return out
 
 
-def yes_no_pair(scene: Scene, family: str, rng: np.random.Generator):
-    """One MME-style pair ``(yes_question, no_question)`` for ``family``, or None if impossible."""
+def yes_no_pair(scene: Scene, family: str, rng: np.random.Generator, max_count: int = MAX_PER_SHAPE):
+    """One MME-style pair ``(yes_question, no_question)`` for ``family``, or None if impossible
+    (``max_count``: see :func:`count_pair`)."""
     present, absent = scene.present(), scene.absent()
     if family == "existence":
         if not present or not absent:
@@ -482,7 +483,7 @@ def yes_no_pair(scene: Scene, family: str, rng: np.random.Generator):
         if not present:
             return None
         shape = present[int(rng.integers(len(present)))]
-        return count_pair(shape, scene.count(shape), rng)
+        return count_pair(shape, scene.count(shape), rng, max_count)
     if family == "color":
         if not scene.objects:
             return None
@@ -580,8 +581,10 @@ def describe(scene: Scene) -> str:
     return f"The image shows {listing}."
 
 
-def conversation_turns(scene: Scene, rng: np.random.Generator, n_turns: int | None = None):
-    """A multi-turn conversation about a scene: list of ``(question, answer)``."""
+def conversation_turns(scene: Scene, rng: np.random.Generator, n_turns: int | None = None,
+                       max_count: int = MAX_PER_SHAPE):
+    """A multi-turn conversation about a scene: list of ``(question, answer)`` (``max_count``: see
+    :func:`count_pair`)."""
     present, absent = scene.present(), scene.absent()
     makers = []
 
@@ -621,7 +624,7 @@ def conversation_turns(scene: Scene, rng: np.random.Generator, n_turns: int | No
 
     def yesno_short_t():
         fam = MME_FAMILIES[int(rng.integers(len(MME_FAMILIES)))]
-        pair = yes_no_pair(scene, fam, rng)
+        pair = yes_no_pair(scene, fam, rng, max_count)
         if pair is None:
             return None
         k = int(rng.integers(2))
@@ -730,20 +733,28 @@ def generate_world(root: str | os.PathLike, seed: int = 0, n_mme_images: int = 3
     }
 
 
+# The tokenizer corpus still draws count questions as the world did when the shipped tokenizer was
+# built (a wrong count could be four): its token ids must not move with the question sampler, or
+# weights trained with it (`train_tiny_llava --init-from`) would read other tokens.
+TOKENIZER_CORPUS_MAX_COUNT = MAX_PER_SHAPE + 1
+
+
 def world_texts(seed: int = 0, n: int = 400) -> list[str]:
-    """Every kind of sentence the world produces (for training a tokenizer)."""
+    """Every kind of sentence the world produces (for training a tokenizer); a frozen corpus, see
+    ``TOKENIZER_CORPUS_MAX_COUNT``."""
     texts = []
+    max_count = TOKENIZER_CORPUS_MAX_COUNT
     stats = world_statistics(seed, 300)
     for i in range(n):
         rng = rng_for(seed, "extra", i)
         scene = sample_scene(rng)
         for fam in MME_FAMILIES:
-            pair = yes_no_pair(scene, fam, rng)
+            pair = yes_no_pair(scene, fam, rng, max_count)
             if pair:
                 texts += [p + MME_SUFFIX for p in pair] + [p + SHORT_ANSWER for p in pair]
         for probes in pope_questions(scene, rng, stats).values():
             texts += [q_exists(s) for s, _ in probes]
-        for q, a in conversation_turns(scene, rng):
+        for q, a in conversation_turns(scene, rng, max_count=max_count):
             texts += [q, a]
     for n_ in NUMBER_WORDS:
         for s in SHAPES:
