@@ -9,7 +9,8 @@ others (which makes POPE's ``adversarial`` split meaningful), and shapes have un
 frequencies (which makes ``popular`` meaningful).
 
 From the scenes come yes/no questions that mirror MME's ``existence``, ``count``, ``color`` and
-``position`` subtasks (pairs: one "Yes", one "No"), POPE's ``random`` / ``popular`` /
+``position`` subtasks (pairs: one "Yes", one "No"; count pairs are balanced so that their text
+alone answers at chance, see ``count_pair``), POPE's ``random`` / ``popular`` /
 ``adversarial`` object probing, and LLaVA-Instruct style multi-turn conversations. Files are
 written in the official layouts (see FORMATS.md) so the project's real loaders read them unchanged.
 
