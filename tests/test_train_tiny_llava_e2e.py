@@ -43,6 +43,24 @@ def test_a_micro_run_saves_a_checkpoint_its_card_and_results_describe(micro_run)
     assert (state["stage"], state["step"]) == ("language", 3)
 
 
+def test_card_only_reevaluate_measures_the_checkpoint_again_and_keeps_what_training_recorded(micro_run, tmp_path):
+    import shutil
+
+    root, argv = micro_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    measured = json.loads((out / "eval_results.json").read_text())
+    stale = {**measured, "eval": {"all": {}}, "items_per_image": 99.0}
+    (out / "eval_results.json").write_text(json.dumps(stale))
+
+    T.main(["--out", str(out), "--workdir", str(tmp_path / "work"), "--card-only", "1", "--reevaluate", "1", *MICRO])
+    info = json.loads((out / "eval_results.json").read_text())
+    assert info["eval"] == measured["eval"]  # same weights, same worlds: the same figures again
+    assert info["items_per_image"] == 99.0 and info["command"] == measured["command"]
+    assert info["reevaluated"] is True
+    assert "measured again after training" in (out / "MODEL_CARD.md").read_text()
+
+
 def test_a_refresh_interrupted_mid_way_resumes_to_the_same_weights(micro_run, tmp_path, monkeypatch):
     root, _ = micro_run
     refresh = ["--init-from", str(root / "work" / "state.pt"), "--vision-refresh-steps", "4",
