@@ -109,3 +109,32 @@ def test_tower_lr_trains_the_layers_features_come_from_and_nothing_else_of_the_t
         assert "model.vision_tower.embeddings.patch_embedding.weight" in changed
         assert not any(".encoder.layers.0." in k or "post_layernorm" in k for k in changed)
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if "language_model" in k)
+
+
+def test_init_from_a_checkpoint_folder_continues_its_weights_with_its_own_tokenizer(micro_run, tmp_path, monkeypatch):
+    """A clean clone has no state.pt, only the shipped folder: --init-from takes the folder's
+    weights and processor (not a tokenizer rebuilt from the world's text) and its recorded times."""
+    from transformers import LlavaForConditionalGeneration
+
+    from sparsezip_pl.data import synthetic
+
+    root, _ = micro_run
+    source = root / "out"
+    # were the tokenizer rebuilt from the world's text, this corpus would give another vocabulary
+    monkeypatch.setattr(synthetic, "world_texts", lambda seed=0, n=400: ["a b c d"] * 50)
+    T.main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w"), *MICRO, "--lm-lr", "0",
+            "--init-from", str(source)])
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    before, after = (LlavaForConditionalGeneration.from_pretrained(d).state_dict() for d in (source, tmp_path / "out"))
+    for key in before:  # lr 0: the language stage ran and changed nothing
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+    recorded, info = (json.loads((d / "eval_results.json").read_text()) for d in (source, tmp_path / "out"))
+    assert info["init_step"] == 3  # the source run's --lm-steps
+    assert info["time"]["earlier_attempt"] == pytest.approx(recorded["time"]["language"])
+    assert info["time"]["vision"] == pytest.approx(recorded["time"]["vision"])
+
+
+def test_init_from_a_folder_without_results_names_what_is_missing(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileNotFoundError, match="eval_results.json"):
+        common.load_init(tmp_path / "ckpt")

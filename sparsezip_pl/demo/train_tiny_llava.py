@@ -38,7 +38,8 @@ from sparsezip_pl.data import synthetic as S
 from sparsezip_pl.demo import evaluate as E
 from sparsezip_pl.demo.tiny_llava import Tokenized, build_processor, check_fast_paths
 from sparsezip_pl.demo.tiny_training.card import dir_size, write_card
-from sparsezip_pl.demo.tiny_training.common import build, grown_state, log, param_counts
+from sparsezip_pl.demo.tiny_training.common import (build, grown_state, load_init, log, param_counts,
+                                                     processor_for_init)
 from sparsezip_pl.demo.tiny_training.language_data import lm_batch
 from sparsezip_pl.demo.tiny_training.language_stage import train_lm
 from sparsezip_pl.demo.tiny_training.vision_stage import train_vision
@@ -88,7 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--curriculum-ramp", type=int, default=300, help="then this many steps ramp up to all 576")
     p.add_argument("--curriculum-tokens", type=int, default=64)
     p.add_argument("--init-from", default="",
-                   help="a state file of an earlier run: take its weights (tower trained) and run the language stage afresh")
+                   help="a state file of an earlier run (workdir/state.pt) or a checkpoint folder it wrote "
+                        "(e.g. checkpoints/tiny-llava-synth, tokenizer included): take its weights (tower "
+                        "trained) and run the language stage afresh")
     p.add_argument("--p-conversation", type=float, default=0.3)
     p.add_argument("--p-caption", type=float, default=0.0, help="share of images that also get a caption item")
     p.add_argument("--grounding-weight", type=float, default=0.0,
@@ -112,6 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-weight", type=float, default=0.0,
                    help="weight of the feature-keeping loss: linear probes on the last LLM layer's visual-token "
                         "inputs must read each patch's shape, colour, row, column and object centre")
+    p.add_argument("--keep-centre-label", choices=("centre", "cover", "first"), default="centre",
+                   help="which patch of each object the feature-keeping probe marks: the one holding its centre, "
+                        "or the patch --count-anchor cover / first points the counting head at")
     p.add_argument("--ground-shape-only", type=int, default=0,
                    help="grounding targets for colour and position questions: the asked shape's patches (the "
                         "attribute is then compared after attention) instead of only the matching ones")
@@ -159,15 +165,16 @@ def head_list(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- main
 
 
-def derived_info(args) -> dict:
-    """Figures the card needs besides the measurements: the mix of the training data."""
+def derived_info(args, init_step: int | None = None) -> dict:
+    """Figures the card needs besides the measurements: the mix of the training data and the
+    language step ``--init-from`` was saved at."""
     processor = build_processor(S.world_texts(args.seed), Path(args.workdir) / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     stats = S.world_statistics(args.seed)
     _, _, fams, _, _ = lm_batch(tz, args.seed, 0, 64, args, stats)
     out = {"items_per_image": float(np.mean([len(f) for f in fams])), "eval_seed": args.eval_seed}
     if args.init_from:
-        out["init_step"] = torch.load(args.init_from, weights_only=False)["step"]
+        out["init_step"] = load_init(args.init_from)["step"] if init_step is None else init_step
     return out
 
 
@@ -254,7 +261,9 @@ def main(argv=None) -> None:
         log(f"rewrote {out / 'MODEL_CARD.md'}")
         return
 
-    processor = build_processor(S.world_texts(args.seed), work / "processor_build", args.vocab_size)
+    init = load_init(args.init_from) if args.init_from else None
+    processor = (processor_for_init(args.init_from) if args.init_from else None) or \
+        build_processor(S.world_texts(args.seed), work / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     model = build(args, processor)
     pc = param_counts(model)
@@ -264,13 +273,11 @@ def main(argv=None) -> None:
     state_path = work / "state.pt"
     state = torch.load(state_path, weights_only=False) if (args.resume and state_path.exists()) else None
     times = {"vision": 0.0, "language": 0.0, "earlier_attempt": 0.0}
-    if args.init_from and not state:
-        init = torch.load(args.init_from, weights_only=False)
+    if init and not state:
         if args.grow_lm_layers:
             init["model"] = grown_state(model, init["model"], args.grow_lm_layers)
         model.load_state_dict(init["model"])
-        times["vision"] = init.get("vision_time", 0.0)
-        times["earlier_attempt"] = init.get("elapsed", 0.0) + init.get("earlier_attempt", 0.0)
+        times["vision"], times["earlier_attempt"] = init["vision_time"], init["earlier_attempt"]
         state = {"stage": "vision-refresh" if args.vision_refresh_steps else "language", "step": 0, "opt": None,
                  "model": init["model"], "vision_time": times["vision"], "earlier_attempt": times["earlier_attempt"]}
         log(f"initialized from {args.init_from} (stage {init['stage']}, step {init['step']})")
@@ -306,7 +313,7 @@ def main(argv=None) -> None:
     processor = AutoProcessor.from_pretrained(out)
     model.eval()
     info = {"command": command, "params": pc, "time": times, **evaluate_checkpoint(model, processor, args, work)}
-    info.update(derived_info(args))
+    info.update(derived_info(args, init["step"] if init else None))
     times["eval"] = time.time() - t_eval
     (out / "eval_results.json").write_text(json.dumps(info, indent=1, default=float))
     info["size_mb"] = dir_size(out) / 1e6
