@@ -211,3 +211,17 @@ def test_count_attention_bench_reads_the_anchor_a_checkpoint_was_trained_with(tm
     assert bench.trained_anchor(tmp_path) == T.parse_args([]).count_anchor  # the script's default
     with pytest.raises(SystemExit, match="pass --anchor"):
         bench.trained_anchor(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("rule", ["cover", "first"])
+def test_keep_probe_can_mark_the_patch_the_counting_loss_points_at(processor, rule):
+    """--keep-centre-label: the keep probe's object mark is, per instance, the counting loss's anchor."""
+    tz = Tokenized(processor)
+    args = T.parse_args(["--p-conversation", "0", "--count-anchor", rule, "--keep-centre-label", rule])
+    stats = S.world_statistics(0, n=200)
+    _, _, _, _, ground = data.lm_batch(tz, args.seed, 0, 8, args, stats)
+    for marks, targets in zip(ground["centre_maps"], ground["count_targets"]):
+        anchors = sorted(int(cells[0]) for _, cells, _ in targets)
+        assert torch.nonzero(marks).flatten().tolist() == sorted(set(anchors))
+    default = data.lm_batch(tz, args.seed, 0, 8, T.parse_args(["--p-conversation", "0"]), stats)[4]["centre_maps"]
+    assert not torch.equal(default, ground["centre_maps"])  # the default still marks object centres

@@ -70,8 +70,12 @@ def write_card(out: Path, model, args, info: dict) -> None:
                     "of the answer needs where the next step can read it: ")
         probes = []
         if args.keep_weight > 0:
+            mark = {"centre": "the patch holding an object's centre",
+                    "cover": "the patch an object's pixels cover most (where the counting loss points)",
+                    "first": "an object's top-left patch (where the counting loss points)"}[
+                args.keep_centre_label]
             probes.append(f"each visual token entering the last LLM layer still tells its patch's shape, colour, row, "
-                          f"column and whether it holds an object centre (weight {args.keep_weight})")
+                          f"column and whether it is {mark} (weight {args.keep_weight})")
         if args.route_weight > 0:
             probes.append(f"the answer position entering the last layer knows the asked shape, colour, side and number "
                           f"(weight {args.route_weight})")

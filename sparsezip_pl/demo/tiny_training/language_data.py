@@ -70,6 +70,16 @@ def count_targets(scene, anchor: str) -> list:
     return out
 
 
+def _centre_map(scene, labels, rule: str) -> np.ndarray:
+    """The keep probe's per-patch object mark: ``render``'s centre label, or each instance's
+    ``synthetic.instance_anchors`` patch under ``rule``."""
+    if rule == "centre":
+        return labels["center"].reshape(-1)
+    marks = np.zeros(S.GRID * S.GRID, np.int64)
+    marks[S.instance_anchors(scene, rule)] = 1
+    return marks
+
+
 def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose: str = "train", n_keep=None):
     """Images (normalized), packed item rows and per-item (family, answer) for images start..start+n.
 
@@ -84,7 +94,7 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
         arr, labels = S.render(scene, with_labels=True)
         objects.append(np.flatnonzero(labels["shape"].reshape(-1) > 0))
         shape_maps.append(labels["shape"].reshape(-1) * 16 + labels["color"].reshape(-1))
-        centre_maps.append(labels["center"].reshape(-1))
+        centre_maps.append(_centre_map(scene, labels, args.keep_centre_label))
         asked.append([_question_shape(turns[0][0]) for turns, _ in items])
         attributes.append([question_attributes(turns[0][0]) for turns, _ in items])
         readouts.append([readout_labels(_question_shape(turns[0][0]), scene.objects) for turns, _ in items])
