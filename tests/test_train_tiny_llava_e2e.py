@@ -138,3 +138,19 @@ def test_init_from_a_folder_without_results_names_what_is_missing(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="eval_results.json"):
         common.load_init(tmp_path / "ckpt")
+
+
+def test_card_only_needs_no_init_state_once_its_step_is_recorded(micro_run, tmp_path):
+    """The states runs start from are git-ignored: a card rewrite on a clean clone must not load one."""
+    import shutil
+
+    root, _ = micro_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    info = json.loads((out / "eval_results.json").read_text())
+    (out / "eval_results.json").write_text(json.dumps({**info, "init_step": 7}))
+    gone = tmp_path / "gone" / "state.pt"
+    T.main(["--out", str(out), "--workdir", str(tmp_path / "work"), "--card-only", "1", "--init-from", str(gone), *MICRO])
+    assert json.loads((out / "eval_results.json").read_text())["init_step"] == 7
+    card = " ".join((out / "MODEL_CARD.md").read_text().split())
+    assert f"continued from `{gone}` (saved at language step 7" in card

@@ -243,7 +243,8 @@ def main(argv=None) -> None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         # what the training run recorded wins: this code's question sampler may give other item counts
-        info = {**derived_info(args), **json.loads((out / "eval_results.json").read_text())}
+        recorded = json.loads((out / "eval_results.json").read_text())
+        info = {**derived_info(args, recorded.get("init_step")), **recorded}
         model, processor = LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
         if args.reevaluate:
             t_eval = time.time()
