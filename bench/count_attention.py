@@ -2,6 +2,7 @@
 
     python bench/count_attention.py                       # the shipped model, 240 scenes of seed 2
     python bench/count_attention.py --head 2              # another head (--count-heads in training)
+    python bench/count_attention.py --anchor-probe 300    # also: how readable the anchor patches are
 
 The training script's counting loss (``train_tiny_llava.counting_loss``) asks head 1 of the last
 LLM layer, at a yes/no answer, to put 0.2 of its attention on each instance of the asked shape and
@@ -12,7 +13,9 @@ loss points: ``--anchor``, the training script's ``--count-anchor``) and on all 
 asked shape, and how many such patches there are -- for right and wrong answers apart, then the
 spread of the shape's mass per n, the accuracy for each count asked, and how well one threshold on
 either mass alone could tell n from n + 1 instances. If the mass tracks the shape's area more
-than its number of instances, large pairs and small triples look alike.
+than its number of instances, large pairs and small triples look alike. With ``--anchor-probe``, a
+linear probe fit on the tower's features and on the visual tokens entering the last LLM layer shows
+how well the anchor patches could be told apart where the counting head's keys come from.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from sparsezip_pl.data import synthetic as S
 from sparsezip_pl.demo import train_tiny_llava as T
-from sparsezip_pl.demo.tiny_llava import Tokenized, shared_prefix_hidden, tower_features
+from sparsezip_pl.demo.tiny_llava import Tokenized, normalize_images, shared_prefix_hidden, tower_features
 from sparsezip_pl.demo.tiny_training import language_data as data
 
 
@@ -112,6 +115,75 @@ def report(rows: list[dict]) -> None:
                 f"{100 * threshold_accuracy([r[k] for r in fewer], [r[k] for r in more]):.1f}" for k in ("anchor", "shape")))
 
 
+def anchor_features(model, tz: Tokenized, seed: int, n_images: int, anchor: str) -> dict:
+    """Per patch of ``n_images`` scenes of ``seed``: the tower's features (``tower``), the visual
+    tokens entering the last LLM layer (``last``, where the counting head's keys are computed), the
+    anchor label (1 on each instance's ``--anchor`` patch) and the instance each patch shows."""
+    embed = model.model.language_model.embed_tokens
+    n_text = len(tz.prefix)
+    out = {"tower": [], "last": [], "label": [], "owner": []}
+    for i in range(n_images):
+        scene = S.sample_scene(S.rng_for(seed, "extra", 50_000 + i))
+        px = torch.from_numpy(normalize_images(S.jpeg_roundtrip(S.render(scene))[None]))
+        with torch.no_grad():
+            feats = tower_features(model, px)
+            prefix = torch.cat([embed(torch.tensor([tz.prefix])), model.model.multi_modal_projector(feats)], 1)
+            capture: dict = {}
+            one = torch.ones(1, 1, 1, dtype=torch.long)  # a one-token row: only the prefix's inputs are read
+            shared_prefix_hidden(model, prefix, embed(one * tz.prefix[0]), one * prefix.shape[1], one, None, capture)
+        label = torch.zeros(S.GRID * S.GRID)
+        label[S.instance_anchors(scene, anchor)] = 1
+        out["tower"].append(feats[0])
+        out["last"].append(capture["prefix_x"][0, n_text:].float())
+        out["label"].append(label)
+        out["owner"].append(torch.from_numpy(S.instance_map(scene)))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def fit_probe(x: torch.Tensor, label: torch.Tensor, steps: int = 400):
+    """A logistic probe (standardized inputs, positives weighted 10) for label [..., P] from x [..., P, D];
+    returns a function of features giving scores."""
+    torch.manual_seed(0)
+    flat, target = x.reshape(-1, x.shape[-1]), label.reshape(-1)
+    mean, std = flat.mean(0), flat.std(0) + 1e-6
+    probe = torch.nn.Linear(flat.shape[1], 1)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            probe((flat - mean) / std).squeeze(-1), target, pos_weight=torch.tensor(10.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda feats: probe((feats - mean) / std).squeeze(-1).detach()
+
+
+def probe_quality(scores: torch.Tensor, label: torch.Tensor, owner: torch.Tensor) -> tuple[float, float]:
+    """(best F1 of one threshold on ``scores`` [B, P] for ``label``, share of instances in ``owner``
+    whose labelled patch is their top-scoring patch)."""
+    truth = label.bool()
+    f1 = max(float(2 * ((scores > t) & truth).sum() / ((scores > t).sum() + truth.sum()))
+             for t in torch.quantile(scores.flatten(), torch.linspace(0.5, 0.999, 200)))
+    top = hits = 0
+    for b in range(scores.shape[0]):
+        for i in owner[b].unique().tolist():
+            cells = torch.nonzero(owner[b] == i).flatten()
+            if i < 0 or not truth[b, cells].any():
+                continue
+            hits += 1
+            top += int(truth[b, cells[scores[b, cells].argmax()]])
+    return f1, top / max(hits, 1)
+
+
+def report_anchor_probe(model, tz: Tokenized, seed: int, n_images: int, anchor: str) -> None:
+    train = anchor_features(model, tz, seed, n_images, anchor)
+    test = anchor_features(model, tz, seed + 1, n_images // 2, anchor)
+    print(f"\nlinear probe for each instance's anchor patch ({anchor}), fit on {n_images} scenes of seed {seed}, "
+          f"scored on {n_images // 2} of seed {seed + 1}: best F1 / the anchor is its instance's top patch")
+    for site, name in (("tower", "tower features (projector input)"), ("last", "last LLM layer's visual inputs")):
+        f1, top = probe_quality(fit_probe(train[site], train["label"])(test[site]), test["label"], test["owner"])
+        print(f"  {name:34s} {f1:.3f} / {100 * top:.1f}%")
+
+
 def threshold_accuracy(fewer: list[float], more: list[float]) -> float:
     """The best share of values classified right by one cut (``fewer`` below it, ``more`` at or above)."""
     values = np.concatenate([fewer, more])
@@ -131,6 +203,9 @@ def main(argv=None) -> None:
                    help="each instance's anchor patch (default: the --count-anchor of the checkpoint's training "
                         "command, in its eval_results.json)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--anchor-probe", type=int, default=0,
+                   help="also fit a linear probe for the anchor patches on this many scenes (scored on half as "
+                        "many of the next seed): how readable the anchors are where the counting head's keys come from")
     args = p.parse_args(argv)
     if args.anchor is None:
         args.anchor = trained_anchor(Path(args.checkpoint))
@@ -142,6 +217,8 @@ def main(argv=None) -> None:
     print(f"{args.checkpoint}: count questions on {args.images} scenes of seed {args.seed}, head {args.head} "
           f"of the last LLM layer, anchors: {args.anchor}\n")
     report(measure(model, tz, args.seed, args.images, args.anchor, head=args.head))
+    if args.anchor_probe:
+        report_anchor_probe(model, tz, args.seed, args.anchor_probe, args.anchor)
 
 
 if __name__ == "__main__":

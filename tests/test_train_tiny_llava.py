@@ -70,9 +70,10 @@ def test_readout_labels_are_true_to_the_scene():
 
 
 @pytest.mark.parametrize("anchor", ["cover", "spread"])
-def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(processor, anchor):
-    """Attention of COUNT_SHARE per instance of the asked shape (on its anchor patch, or spread over
-    its patches) beats any other split."""
+@pytest.mark.parametrize("target", ["linear", "softmax"])
+def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(processor, anchor, target):
+    """Attention of instance_share(n) per instance of the asked shape (on its anchor patch, or
+    spread over its patches) beats a share scaled up or down."""
     tz = Tokenized(processor)
     args = T.parse_args(["--p-conversation", "0", "--count-anchor", anchor])
     stats = S.world_statistics(0, n=200)
@@ -83,22 +84,23 @@ def test_counting_loss_is_lowest_when_attention_matches_the_instance_count(proce
              if rc is not None and ans in data.YES_NO and shape is not None]
     assert items
 
-    def loss_with(share: float) -> float:
-        """Attention logits that put ``share`` on each instance of the asked shape."""
+    def loss_with(scale: float) -> float:
+        """Attention logits that put ``scale`` times the target share on each instance of the asked shape."""
         q = torch.zeros(1, 2, packed[0].shape[1] * C, P)
         k = torch.eye(P)[None, None].expand(1, 2, P, P)
         for j, rc in items:
             mine = [(cells, w) for s, cells, w in ground["count_targets"][0] if s == ground["asked_shapes"][0][j]]
+            share = scale * losses.instance_share(len(mine), target)
             probs = torch.full((P,), 1e-9)
             probs[:n_text] = (1 - share * len(mine)) / n_text
             for cells, w in mine:
                 probs[n_text + torch.from_numpy(cells)] += share * torch.from_numpy(w).float()
             q[0, :, rc[0] * C + rc[1]] = probs.log()
         capture = {"q": q, "k": k, "scale": 1.0}
-        return losses.counting_loss(capture, packed, fams, ground, None, n_text, C).item()
+        return losses.counting_loss(capture, packed, fams, ground, None, n_text, C, target=target).item()
 
-    best = loss_with(losses.COUNT_SHARE)
-    for other in (0.05, 0.1, 0.25, 0.3):
+    best = loss_with(1.0)
+    for other in (0.25, 0.5, 1.25, 1.5):
         assert loss_with(other) > best
 
 
@@ -225,3 +227,48 @@ def test_keep_probe_can_mark_the_patch_the_counting_loss_points_at(processor, ru
         assert torch.nonzero(marks).flatten().tolist() == sorted(set(anchors))
     default = data.lm_batch(tz, args.seed, 0, 8, T.parse_args(["--p-conversation", "0"]), stats)[4]["centre_maps"]
     assert not torch.equal(default, ground["centre_maps"])  # the default still marks object centres
+
+
+def test_anchor_probe_quality_scores_a_perfect_and_a_blind_probe_apart():
+    bench = _count_attention_bench()
+    gen = torch.Generator().manual_seed(0)
+    owner = torch.arange(40).repeat_interleave(10).view(4, 100)  # 4 images, 10 instances of 10 patches each
+    label = (torch.arange(400).view(4, 100) % 10 == 3).float()  # one anchor per instance
+    assert bench.probe_quality(label.clone(), label, owner) == (1.0, 1.0)
+    f1, top = bench.probe_quality(torch.rand(4, 100, generator=gen), label, owner)
+    assert f1 < 0.5 and top < 0.5
+    features = torch.randn(4, 100, 8, generator=gen)
+    features[..., 0] += 4 * label  # the label is linearly readable from feature 0
+    f1, top = bench.probe_quality(bench.fit_probe(features, label)(features), label, owner)
+    assert f1 > 0.9 and top > 0.9
+
+
+def test_anchor_features_label_one_patch_per_instance_of_the_shipped_model(processor):
+    from transformers import LlavaForConditionalGeneration
+
+    bench = _count_attention_bench()
+    model = LlavaForConditionalGeneration.from_pretrained(CKPT).eval()
+    feats = bench.anchor_features(model, Tokenized(processor), seed=2, n_images=3, anchor="first")
+    width = model.config.text_config.hidden_size
+    assert feats["tower"].shape == (3, 576, model.config.vision_config.hidden_size)
+    assert feats["last"].shape == (3, 576, width)
+    for label, owner in zip(feats["label"], feats["owner"]):
+        instances = owner[owner >= 0].unique()
+        assert int(label.sum()) == len(instances)  # one anchor per instance, on one of its own patches
+        assert set(owner[label.bool()].tolist()) == set(instances.tolist())
+
+
+def test_softmax_count_target_is_what_one_fixed_logit_per_instance_gives():
+    """With the softmax target, each instance's share over the sink's is the same for every count,
+    so one attention logit per instance (whatever its size or the scene) fits it exactly; the
+    linear target's ratio changes with the count, so no fixed logit fits it."""
+    ratios = {}
+    for target in ("linear", "softmax"):
+        ratios[target] = [losses.instance_share(n, target) / (1 - n * losses.instance_share(n, target))
+                          for n in range(1, S.MAX_PER_SHAPE + 1)]
+    assert ratios["softmax"] == pytest.approx([losses.COUNT_RATIO] * S.MAX_PER_SHAPE)
+    assert ratios["linear"][0] < ratios["linear"][-1] / 2
+    totals = [n * losses.instance_share(n, "softmax") for n in range(1, S.MAX_PER_SHAPE + 1)]
+    assert totals == sorted(totals) and totals[-1] < 1  # more instances, more mass; the sink keeps some
+    with pytest.raises(ValueError, match="softmax"):
+        losses.instance_share(2, "log")

@@ -115,6 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-weight", type=float, default=0.0,
                    help="weight of the feature-keeping loss: linear probes on the last LLM layer's visual-token "
                         "inputs must read each patch's shape, colour, row, column and object centre")
+    p.add_argument("--count-target", choices=("linear", "softmax"), default="linear",
+                   help="the counting loss's share per instance: 0.2 each (linear in the count), or what one fixed "
+                        "attention logit per instance gives (auxiliary_losses.instance_share)")
     p.add_argument("--keep-centre-label", choices=("centre", "cover", "first"), default="centre",
                    help="which patch of each object the feature-keeping probe marks: the one holding its centre, "
                         "or the patch --count-anchor cover / first points the counting head at")

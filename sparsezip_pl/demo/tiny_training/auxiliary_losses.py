@@ -125,14 +125,32 @@ def routing_loss(route: RouteHeads, capture, packed, fams, ground, C: int):
     return sum(F.cross_entropy(getattr(route, k)(h), torch.tensor(v)) for k, v in labels.items())
 
 
-COUNT_SHARE = 0.2  # attention share per counted instance (at most MAX_PER_SHAPE = 3 -> 0.6)
+COUNT_SHARE = 0.2  # "linear" target: attention share per counted instance (at most MAX_PER_SHAPE = 3 -> 0.6)
+COUNT_RATIO = 0.4  # "softmax" target: one instance's attention relative to the sink's
 
 
-def counting_loss(capture, packed, fams, ground, keep, n_text: int, C: int, head: int = 1):
+def instance_share(n: int, target: str = "linear") -> float:
+    """Attention share the counting loss asks for on each of ``n`` instances of the asked shape.
+
+    ``linear``: ``COUNT_SHARE`` each, so the shapes' total grows linearly with n. No fixed attention
+    logit per instance gives that (softmax shares n w / (1 + n w) grow slower than n), so the head
+    can only approach it by looking at more of a scene where there is more of the shape: by area.
+    ``softmax``: ``COUNT_RATIO / (1 + n COUNT_RATIO)``, what one fixed logit per instance (its
+    weight COUNT_RATIO times the sink's) gives for every n; 0.4 roughly maximizes the gap between
+    the totals for two and three instances (0.44 and 0.55)."""
+    if target == "linear":
+        return COUNT_SHARE
+    if target == "softmax":
+        return COUNT_RATIO / (1 + n * COUNT_RATIO)
+    raise ValueError(f"count target must be 'linear' or 'softmax', got {target!r}")
+
+
+def counting_loss(capture, packed, fams, ground, keep, n_text: int, C: int, head: int = 1, target: str = "linear"):
     """Counting supervision: in the last layer, head ``head`` of a yes/no answer position puts
-    ``COUNT_SHARE`` of its attention on each instance of the asked shape (``count_targets``) and the
-    rest on the text prefix (the sink), so its output moves linearly with the number of instances.
-    Cross-entropy between that target distribution and the head's attention, averaged."""
+    ``instance_share(n, target)`` of its attention on each of the n instances of the asked shape
+    (``count_targets``) and the rest on the text prefix (the sink), so its output moves with the
+    number of instances. Cross-entropy between that target distribution and the head's attention,
+    averaged."""
     q, k, scale = capture["q"][:, head].float(), capture["k"][:, head].float(), capture["scale"]
     terms = []
     for b, (firsts, fam_list) in enumerate(zip(packed[4], fams)):
@@ -150,7 +168,7 @@ def counting_loss(capture, packed, fams, ground, keep, n_text: int, C: int, head
             if position is not None:
                 cells = position[cells]
                 share, cells = share[cells >= 0], cells[cells >= 0]
-            share = COUNT_SHARE * share
+            share = instance_share(len(mine), target) * share
             logp = torch.log_softmax((q[b, rc[0] * C + rc[1]] @ k[b].T) * scale, -1)
             sink = torch.logsumexp(logp[:n_text], 0)
             term = -(1 - share.sum()) * sink

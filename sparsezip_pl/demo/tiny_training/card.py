@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparsezip_pl.demo import evaluate as E
-from sparsezip_pl.demo.tiny_training.auxiliary_losses import COUNT_SHARE
+from sparsezip_pl.demo.tiny_training.auxiliary_losses import COUNT_RATIO, COUNT_SHARE
 
 
 def dir_size(path: Path) -> int:
@@ -60,10 +60,12 @@ def write_card(out: Path, model, args, info: dict) -> None:
                  "first": "on its top-left patch, the first it shows in raster order",
                  "spread": "spread evenly over the patches the instance shows, so a big and a small instance "
                            "weigh the same"}[args.count_anchor]
+        share = (f"{COUNT_SHARE}" if args.count_target == "linear" else
+                 f"{COUNT_RATIO} / (1 + {COUNT_RATIO} n) (n instances: what one fixed attention logit per instance gives)")
         heads = [str(h) for h in args.count_heads]
         who = f"head {heads[0]}" if len(heads) == 1 else f"each of heads {', '.join(heads)}"
         caption += (f"A counting loss (weight {args.count_grounding_weight}): {who} of the last layer puts "
-                    f"{COUNT_SHARE} of its attention on each instance of the asked shape ({where}) and the rest "
+                    f"{share} of its attention on each instance of the asked shape ({where}) and the rest "
                     f"on the text prefix, so its output moves with the number of instances. ")
     if args.route_weight > 0 or args.readout_weight > 0 or args.keep_weight > 0:
         caption += ("Linear probes, thrown away after training, add losses that keep the information each step "

@@ -26,7 +26,7 @@ from sparsezip_pl.demo.tiny_training.language_data import YES_NO, lm_batch
 def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=None, aux_weight: float = 0.0,
                count_weight: float = 0.0, family_weights: dict | None = None, route=None, route_weight: float = 0.0,
                parts: dict | None = None, readout_weight: float = 0.0, shape_only: bool = False,
-               keep_weight: float = 0.0, count_heads: tuple[int, ...] = (1,)):
+               keep_weight: float = 0.0, count_heads: tuple[int, ...] = (1,), count_target: str = "linear"):
     ids, pos, seg, labels, answer_at = packed
     tower_trains = model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad  # --tower-lr
     with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
@@ -58,8 +58,8 @@ def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=No
         terms["ground"] = aux_weight * grounding_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2],
                                                       shape_only)
     if count_weight > 0:
-        terms["count"] = count_weight * sum(counting_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2], h)
-                                            for h in count_heads) / len(count_heads)
+        terms["count"] = count_weight * sum(counting_loss(capture, packed, fams, ground, keep, n_text, ids.shape[2], h,
+                                                          count_target) for h in count_heads) / len(count_heads)
     if route_weight > 0:
         terms["route"] = route_weight * routing_loss(route, capture, packed, fams, ground, ids.shape[2])
     if readout_weight > 0:
@@ -154,7 +154,7 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
             loss, hidden = lm_forward(model, tz, px, packed, keep, fams, ground, args.grounding_weight,
                                       args.count_grounding_weight, family_weights, route, args.route_weight, parts,
                                       args.readout_weight, bool(args.ground_shape_only), args.keep_weight,
-                                      args.count_heads)
+                                      args.count_heads, args.count_target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
