@@ -154,3 +154,19 @@ def test_card_only_needs_no_init_state_once_its_step_is_recorded(micro_run, tmp_
     assert json.loads((out / "eval_results.json").read_text())["init_step"] == 7
     card = " ".join((out / "MODEL_CARD.md").read_text().split())
     assert f"continued from `{gone}` (saved at language step 7" in card
+
+
+def test_reinit_count_heads_redraws_only_their_query_and_key_rows(micro_run):
+    from transformers import LlavaForConditionalGeneration
+
+    root, _ = micro_run
+    model = LlavaForConditionalGeneration.from_pretrained(root / "out")
+    state = model.state_dict()
+    fresh = common.reinit_heads(model, state, (1,), seed=0)
+    hd = model.config.text_config.head_dim
+    attn = "model.language_model.layers.0.self_attn."  # the micro LLM's only (= last) layer
+    for proj in ("q_proj", "k_proj"):
+        key = attn + proj + ".weight"
+        assert torch.equal(fresh[key][:hd], state[key][:hd])  # head 0 kept
+        assert not torch.equal(fresh[key][hd:2 * hd], state[key][hd:2 * hd])  # head 1 redrawn
+    assert all(torch.equal(fresh[k], v) for k, v in state.items() if not k.endswith(("q_proj.weight", "k_proj.weight")))

@@ -39,7 +39,7 @@ from sparsezip_pl.demo import evaluate as E
 from sparsezip_pl.demo.tiny_llava import Tokenized, build_processor, check_fast_paths
 from sparsezip_pl.demo.tiny_training.card import dir_size, write_card
 from sparsezip_pl.demo.tiny_training.common import (build, grown_state, load_init, log, param_counts,
-                                                     processor_for_init)
+                                                     processor_for_init, reinit_heads)
 from sparsezip_pl.demo.tiny_training.language_data import lm_batch
 from sparsezip_pl.demo.tiny_training.language_stage import train_lm
 from sparsezip_pl.demo.tiny_training.vision_stage import train_vision
@@ -118,6 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--count-target", choices=("linear", "softmax"), default="linear",
                    help="the counting loss's share per instance: 0.2 each (linear in the count), or what one fixed "
                         "attention logit per instance gives (auxiliary_losses.instance_share)")
+    p.add_argument("--reinit-count-heads", type=int, default=0,
+                   help="with --init-from: draw the query and key projections of the --count-heads afresh, so "
+                        "they learn where to look under this run's counting loss (e.g. a new --count-target)")
     p.add_argument("--keep-centre-label", choices=("centre", "cover", "first"), default="centre",
                    help="which patch of each object the feature-keeping probe marks: the one holding its centre, "
                         "or the patch --count-anchor cover / first points the counting head at")
@@ -280,6 +283,8 @@ def main(argv=None) -> None:
     if init and not state:
         if args.grow_lm_layers:
             init["model"] = grown_state(model, init["model"], args.grow_lm_layers)
+        if args.reinit_count_heads:
+            init["model"] = reinit_heads(model, init["model"], args.count_heads, args.seed)
         model.load_state_dict(init["model"])
         times["vision"], times["earlier_attempt"] = init["vision_time"], init["earlier_attempt"]
         state = {"stage": "vision-refresh" if args.vision_refresh_steps else "language", "step": 0, "opt": None,

@@ -122,6 +122,23 @@ def grown_state(model, state: dict, n_new: int) -> dict:
     return out
 
 
+def reinit_heads(model, state: dict, heads: tuple[int, ...], seed: int) -> dict:
+    """``state`` with the query and key projections of ``heads`` in the last LLM layer drawn afresh
+    (normal, the config's ``initializer_range``): those heads forget where they looked, the rest of
+    the model (their value and output projections included) is kept."""
+    cfg = model.config.text_config
+    last = f"model.language_model.layers.{cfg.num_hidden_layers - 1}.self_attn."
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for proj in ("q_proj", "k_proj"):
+        weight = state[last + proj + ".weight"].clone()
+        for h in heads:
+            rows = slice(h * cfg.head_dim, (h + 1) * cfg.head_dim)
+            weight[rows] = torch.randn(weight[rows].shape, generator=gen) * cfg.initializer_range
+        out[last + proj + ".weight"] = weight
+    return out
+
+
 def param_counts(model) -> dict:
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"total": n(model), "vision_tower": n(model.model.vision_tower),
