@@ -21,8 +21,6 @@ how well the anchor patches could be told apart where the counting head's keys c
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +75,7 @@ def trained_anchor(checkpoint: Path) -> str:
     results = checkpoint / "eval_results.json"
     if not results.is_file():
         raise SystemExit(f"{results} not found: pass --anchor (centre, cover or first)")
-    command = shlex.split(json.loads(results.read_text())["command"])
-    return T.parse_args(command[command.index("sparsezip_pl.demo.train_tiny_llava") + 1:]).count_anchor
+    return T.recorded_args(checkpoint).count_anchor
 
 
 def report(rows: list[dict]) -> None:

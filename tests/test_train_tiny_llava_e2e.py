@@ -1,6 +1,7 @@
 """The training script end to end on a micro model (seconds): stages, saving, card, resume."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def test_a_micro_run_saves_a_checkpoint_its_card_and_results_describe(micro_run)
     assert common.param_counts(model) == info["params"]
     assert info["fast_path_err"] < 1e-4  # the evaluation's fast path reproduces the stock forward
     assert set(info["eval"]["all"]) >= {"mme_count", "pope_adversarial"}
-    assert info["command"].endswith(" ".join(argv))
+    assert info["command"].endswith(shlex.join(argv))
+    assert T.recorded_args(out) == T.parse_args(argv)  # the recorded command parses back to the run's options
     assert info["command"] in (out / "MODEL_CARD.md").read_text()
     state = torch.load(root / "work" / "state.pt", weights_only=False)
     assert (state["stage"], state["step"]) == ("language", 3)
@@ -137,7 +139,7 @@ def test_init_from_a_checkpoint_folder_continues_its_weights_with_its_own_tokeni
 def test_init_from_a_folder_without_results_names_what_is_missing(tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(FileNotFoundError, match="eval_results.json"):
-        common.load_init(tmp_path / "ckpt")
+        T.load_init(tmp_path / "ckpt")
 
 
 def test_card_only_needs_no_init_state_once_its_step_is_recorded(micro_run, tmp_path):
@@ -170,3 +172,13 @@ def test_reinit_count_heads_redraws_only_their_query_and_key_rows(micro_run):
         assert torch.equal(fresh[key][:hd], state[key][:hd])  # head 0 kept
         assert not torch.equal(fresh[key][hd:2 * hd], state[key][hd:2 * hd])  # head 1 redrawn
     assert all(torch.equal(fresh[k], v) for k, v in state.items() if not k.endswith(("q_proj.weight", "k_proj.weight")))
+
+
+def test_reinit_count_heads_refuses_grouped_key_heads(micro_run):
+    from transformers import LlavaForConditionalGeneration
+
+    root, _ = micro_run
+    model = LlavaForConditionalGeneration.from_pretrained(root / "out")
+    model.config.text_config.num_key_value_heads = 1  # as if two query heads shared one key head
+    with pytest.raises(ValueError, match="one key head per query head"):
+        common.reinit_heads(model, model.state_dict(), (1,), seed=0)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import shutil
 import sys
 import time
@@ -38,8 +40,7 @@ from sparsezip_pl.data import synthetic as S
 from sparsezip_pl.demo import evaluate as E
 from sparsezip_pl.demo.tiny_llava import Tokenized, build_processor, check_fast_paths
 from sparsezip_pl.demo.tiny_training.card import dir_size, write_card
-from sparsezip_pl.demo.tiny_training.common import (build, grown_state, load_init, log, param_counts,
-                                                     processor_for_init, reinit_heads)
+from sparsezip_pl.demo.tiny_training.common import build, grown_state, log, param_counts, reinit_heads
 from sparsezip_pl.demo.tiny_training.language_data import lm_batch
 from sparsezip_pl.demo.tiny_training.language_stage import train_lm
 from sparsezip_pl.demo.tiny_training.vision_stage import train_vision
@@ -171,6 +172,44 @@ def head_list(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- main
 
 
+def recorded_args(folder: str | os.PathLike) -> argparse.Namespace:
+    """The options of the training command recorded in a checkpoint folder's ``eval_results.json``
+    (defaults filled in as for the run itself)."""
+    command = shlex.split(json.loads((Path(folder) / "eval_results.json").read_text())["command"])
+    return parse_args(command[command.index("sparsezip_pl.demo.train_tiny_llava") + 1:])
+
+
+def load_init(path: str | os.PathLike) -> dict:
+    """What ``--init-from`` continues from: ``{model, processor, stage, step, vision_time, earlier_attempt}``.
+
+    ``path`` is a training state this script saved (``state.pt``, kept out of git; ``processor`` is
+    then ``None`` and the tokenizer is rebuilt from the world's text, which ``synthetic.world_texts``
+    keeps fixed) or a checkpoint folder it wrote (``checkpoints/tiny-llava-synth``): the folder's
+    weights and processor, the language step its run ended at and the training time its
+    ``eval_results.json`` recorded, so a clean clone can continue the shipped model."""
+    path = Path(path)
+    if not path.is_dir():
+        state = torch.load(path, weights_only=False)
+        return {"model": state["model"], "processor": None, "stage": state["stage"], "step": state["step"],
+                "vision_time": state.get("vision_time", 0.0),
+                "earlier_attempt": state.get("elapsed", 0.0) + state.get("earlier_attempt", 0.0)}
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    results = path / "eval_results.json"
+    if not results.exists():
+        raise FileNotFoundError(f"--init-from {path}: a checkpoint folder needs the eval_results.json "
+                                "the training script writes (its command and training time)")
+    try:
+        times = json.loads(results.read_text())["time"]
+        steps = recorded_args(path).lm_steps
+    except (KeyError, ValueError, SystemExit) as err:  # SystemExit: argparse refused the recorded command
+        raise ValueError(f"{results}: expected 'command' and 'time' as the training script writes them "
+                         f"({err!r})") from None
+    return {"model": LlavaForConditionalGeneration.from_pretrained(path).state_dict(),
+            "processor": AutoProcessor.from_pretrained(path), "stage": "language", "step": steps,
+            "vision_time": times["vision"], "earlier_attempt": times["language"] + times.get("earlier_attempt", 0.0)}
+
+
 def derived_info(args, init_step: int | None = None) -> dict:
     """Figures the card needs besides the measurements: the mix of the training data and the
     language step ``--init-from`` was saved at."""
@@ -243,7 +282,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     out, work = Path(args.out), Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    command = "python -m sparsezip_pl.demo.train_tiny_llava " + " ".join(sys.argv[1:] if argv is None else argv)
+    # shlex.join: an empty or spaced argument (--other-seeds "") must survive a round trip (recorded_args)
+    command = "python -m sparsezip_pl.demo.train_tiny_llava " + shlex.join(sys.argv[1:] if argv is None else argv)
     log(f"args: {vars(args)}")
     if args.card_only:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -269,7 +309,7 @@ def main(argv=None) -> None:
         return
 
     init = load_init(args.init_from) if args.init_from else None
-    processor = (processor_for_init(args.init_from) if args.init_from else None) or \
+    processor = (init and init["processor"]) or \
         build_processor(S.world_texts(args.seed), work / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     model = build(args, processor)

@@ -134,7 +134,8 @@ def instance_share(n: int, target: str = "linear") -> float:
 
     ``linear``: ``COUNT_SHARE`` each, so the shapes' total grows linearly with n. No fixed attention
     logit per instance gives that (softmax shares n w / (1 + n w) grow slower than n), so the head
-    can only approach it by looking at more of a scene where there is more of the shape: by area.
+    could meet it by looking at more of a scene where there is more of the shape, by area (runs
+    33-34 of the history: the softmax target did not change that, so it is not the main cause).
     ``softmax``: ``COUNT_RATIO / (1 + n COUNT_RATIO)``, what one fixed logit per instance (its
     weight COUNT_RATIO times the sink's) gives for every n; 0.4 roughly maximizes the gap between
     the totals for two and three instances (0.44 and 0.55)."""

@@ -54,52 +54,6 @@ def init_position_embeddings(model, scale: float = 0.5) -> None:
         emb[0].zero_()
 
 
-def load_init(path: str | os.PathLike) -> dict:
-    """What ``--init-from`` continues from, as ``{model, stage, step, vision_time, earlier_attempt}``.
-
-    ``path`` is either a training state this script saved (``state.pt``, kept out of git) or a
-    checkpoint folder it wrote (``checkpoints/tiny-llava-synth``): the folder's weights, the language
-    step it ended at and the training time its ``eval_results.json`` recorded. A folder's tokenizer
-    is its own (``processor_for_init``), so a clean clone can continue the shipped model."""
-    path = Path(path)
-    if not path.is_dir():
-        state = torch.load(path, weights_only=False)
-        return {"model": state["model"], "stage": state["stage"], "step": state["step"],
-                "vision_time": state.get("vision_time", 0.0),
-                "earlier_attempt": state.get("elapsed", 0.0) + state.get("earlier_attempt", 0.0)}
-    import json
-    import shlex
-
-    from transformers import LlavaForConditionalGeneration
-
-    results = path / "eval_results.json"
-    if not results.exists():
-        raise FileNotFoundError(f"--init-from {path}: a checkpoint folder needs the eval_results.json "
-                                "the training script writes (its command and training time)")
-    info = json.loads(results.read_text())
-    try:
-        command, times = info["command"], info["time"]
-        lm_steps = int(shlex.split(command)[shlex.split(command).index("--lm-steps") + 1])
-    except (KeyError, ValueError, IndexError) as err:
-        raise ValueError(f"{results}: expected 'command' (with --lm-steps) and 'time' as the training "
-                         f"script writes them ({err!r})") from None
-    model = LlavaForConditionalGeneration.from_pretrained(path)
-    return {"model": model.state_dict(), "stage": "language", "step": lm_steps,
-            "vision_time": times["vision"], "earlier_attempt": times["language"] + times.get("earlier_attempt", 0.0)}
-
-
-def processor_for_init(path: str | os.PathLike):
-    """The processor saved in the ``--init-from`` checkpoint folder, or ``None`` for a state file
-    (saved without one: the script rebuilds the tokenizer from the world's text, which
-    ``synthetic.world_texts`` keeps fixed)."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(path)
-
-
 def grown_state(model, state: dict, n_new: int) -> dict:
     """``state`` of a model with ``n_new`` fewer LLM layers, mapped onto ``model``: the old last
     layer stays last, the new layers sit just before it and start as the identity (their attention
@@ -127,6 +81,9 @@ def reinit_heads(model, state: dict, heads: tuple[int, ...], seed: int) -> dict:
     (normal, the config's ``initializer_range``): those heads forget where they looked, the rest of
     the model (their value and output projections included) is kept."""
     cfg = model.config.text_config
+    if cfg.num_key_value_heads != cfg.num_attention_heads:  # grouped keys are shared by several heads
+        raise ValueError("redrawing a head's keys needs one key head per query head, got "
+                         f"{cfg.num_key_value_heads} key heads for {cfg.num_attention_heads} query heads")
     last = f"model.language_model.layers.{cfg.num_hidden_layers - 1}.self_attn."
     gen = torch.Generator().manual_seed(seed)
     out = dict(state)
