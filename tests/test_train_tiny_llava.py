@@ -272,3 +272,31 @@ def test_softmax_count_target_is_what_one_fixed_logit_per_instance_gives():
     assert totals == sorted(totals) and totals[-1] < 1  # more instances, more mass; the sink keeps some
     with pytest.raises(ValueError, match="softmax"):
         losses.instance_share(2, "log")
+
+
+def test_isolated_count_heads_get_no_answer_gradient_on_where_they_look(processor):
+    """--isolate-count-heads: the output is unchanged and still trains head 1's values, but not its
+    queries or keys; a loss on the captured queries (the counting loss's) still reaches them."""
+    from sparsezip_pl.demo.tiny_llava import shared_prefix_hidden
+
+    model = _small(processor, 2)
+    last = model.model.language_model.layers[-1].self_attn
+    hd = last.head_dim
+    torch.manual_seed(0)
+    prefix, rows = torch.randn(1, 9, 48), torch.randn(1, 2, 3, 48)
+    pos, seg = 9 + torch.arange(6).view(1, 2, 3), torch.ones(1, 2, 3, dtype=torch.long)
+
+    def grads(detached: tuple[int, ...], on_capture: bool = False):
+        model.zero_grad(set_to_none=True)
+        capture: dict = {}
+        hidden = shared_prefix_hidden(model, prefix, rows, pos, seg, None, capture, detached)
+        (capture["q"][:, 1].sum() if on_capture else hidden.square().sum()).backward()
+        return hidden.detach(), last.q_proj.weight.grad, last.k_proj.weight.grad, last.v_proj.weight.grad
+
+    h_all, q_all, k_all, v_all = grads(())
+    h_iso, q_iso, k_iso, v_iso = grads((1,))
+    assert torch.allclose(h_all, h_iso)
+    assert q_iso[hd:].abs().max() == 0 and k_iso[hd:].abs().max() == 0  # head 1: pattern untouched
+    assert torch.allclose(q_iso[:hd], q_all[:hd]) and torch.allclose(k_iso[:hd], k_all[:hd])  # head 0 as before
+    assert q_all[hd:].abs().max() > 0 and v_iso[hd:].abs().max() > 0
+    assert grads((1,), on_capture=True)[1][hd:].abs().max() > 0

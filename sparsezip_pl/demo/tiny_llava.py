@@ -112,7 +112,8 @@ def tower_features(model, pixel_values, with_cls: bool = False):
     return h if with_cls else h[:, 1:]
 
 
-def shared_prefix_hidden(model, prefix_emb, row_emb, row_pos, row_seg, prefix_pos=None, capture=None):
+def shared_prefix_hidden(model, prefix_emb, row_emb, row_pos, row_seg, prefix_pos=None, capture=None,
+                         pattern_detached_heads: tuple[int, ...] = ()):
     """LLM hidden states (after the final norm) of packed item rows.
 
     prefix_emb [B, P, D]; row_emb [B, R, C, D]; row_pos [B, R, C] absolute positions;
@@ -120,7 +121,9 @@ def shared_prefix_hidden(model, prefix_emb, row_emb, row_pos, row_seg, prefix_po
     the prefix tokens (default 0..P-1; a subset of the image tokens keeps its own). Returns [B, R, C, D].
     ``capture`` (a dict) receives the last layer's row queries [B, H, R*C, hd], prefix keys
     [B, H, P, hd], normalized row and prefix inputs [B, R*C, D], [B, P, D] the heads' outputs [B, H, R*C, hd] and the normalized rows after attention (for losses on where the answer looks and
-    on what it knows of the question).
+    on what it knows of the question). ``pattern_detached_heads``: last-layer heads whose attention
+    pattern gets no gradient from this forward's output (their queries and keys are detached there;
+    the captured ones are not, so only losses on ``capture`` decide where those heads look).
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -159,8 +162,13 @@ def shared_prefix_hidden(model, prefix_emb, row_emb, row_pos, row_seg, prefix_po
             hp_next = None
         if capture is not None and li == len(lm.layers) - 1:
             capture.update(q=qr, k=kp, scale=attn.scaling, x=xr, prefix_x=xp)
-        o = F.scaled_dot_product_attention(qr, torch.cat([kp, kr], 2), torch.cat([vp, vr], 2),
-                                           attn_mask=mask, scale=attn.scaling)
+        qa, ka = qr, torch.cat([kp, kr], 2)
+        if pattern_detached_heads and li == len(lm.layers) - 1:
+            detached = torch.zeros(H, dtype=torch.bool)
+            detached[list(pattern_detached_heads)] = True
+            detached = detached[None, :, None, None]
+            qa, ka = torch.where(detached, qa.detach(), qa), torch.where(detached, ka.detach(), ka)
+        o = F.scaled_dot_product_attention(qa, ka, torch.cat([vp, vr], 2), attn_mask=mask, scale=attn.scaling)
         hr = hr + attn.o_proj(o.transpose(1, 2).reshape(B, R * C, D))
         post = layer.post_attention_layernorm(hr)
         if capture is not None and li == len(lm.layers) - 1:

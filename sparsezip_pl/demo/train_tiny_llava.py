@@ -122,6 +122,9 @@ def parse_args(argv=None):
     p.add_argument("--reinit-count-heads", type=int, default=0,
                    help="with --init-from: draw the query and key projections of the --count-heads afresh, so "
                         "they learn where to look under this run's counting loss (e.g. a new --count-target)")
+    p.add_argument("--isolate-count-heads", type=int, default=0,
+                   help="the answer loss does not train the --count-heads' queries and keys (their values it "
+                        "still does): only the counting loss decides where they look")
     p.add_argument("--keep-centre-label", choices=("centre", "cover", "first"), default="centre",
                    help="which patch of each object the feature-keeping probe marks: the one holding its centre, "
                         "or the patch --count-anchor cover / first points the counting head at")

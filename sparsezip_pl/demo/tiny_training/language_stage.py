@@ -26,7 +26,8 @@ from sparsezip_pl.demo.tiny_training.language_data import YES_NO, lm_batch
 def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=None, aux_weight: float = 0.0,
                count_weight: float = 0.0, family_weights: dict | None = None, route=None, route_weight: float = 0.0,
                parts: dict | None = None, readout_weight: float = 0.0, shape_only: bool = False,
-               keep_weight: float = 0.0, count_heads: tuple[int, ...] = (1,), count_target: str = "linear"):
+               keep_weight: float = 0.0, count_heads: tuple[int, ...] = (1,), count_target: str = "linear",
+               isolate_count_heads: bool = False):
     ids, pos, seg, labels, answer_at = packed
     tower_trains = model.model.vision_tower.embeddings.patch_embedding.weight.requires_grad  # --tower-lr
     with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
@@ -40,7 +41,8 @@ def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=No
     embed = model.model.language_model.embed_tokens
     prefix = torch.cat([embed(torch.tensor([tz.prefix])).expand(px.shape[0], -1, -1), img.to(embed.weight.dtype)], 1)
     capture = {} if max(aux_weight, count_weight, route_weight, readout_weight, keep_weight) > 0 else None
-    hidden = shared_prefix_hidden(model, prefix, embed(ids), pos, seg, prefix_pos, capture)
+    hidden = shared_prefix_hidden(model, prefix, embed(ids), pos, seg, prefix_pos, capture,
+                                  count_heads if isolate_count_heads and count_weight > 0 else ())
     sel = labels != -100
     logits = model.lm_head(hidden[sel]).float()
     if family_weights:
@@ -154,7 +156,7 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
             loss, hidden = lm_forward(model, tz, px, packed, keep, fams, ground, args.grounding_weight,
                                       args.count_grounding_weight, family_weights, route, args.route_weight, parts,
                                       args.readout_weight, bool(args.ground_shape_only), args.keep_weight,
-                                      args.count_heads, args.count_target)
+                                      args.count_heads, args.count_target, bool(args.isolate_count_heads))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
