@@ -300,3 +300,19 @@ def test_isolated_count_heads_get_no_answer_gradient_on_where_they_look(processo
     assert torch.allclose(q_iso[:hd], q_all[:hd]) and torch.allclose(k_iso[:hd], k_all[:hd])  # head 0 as before
     assert q_all[hd:].abs().max() > 0 and v_iso[hd:].abs().max() > 0
     assert grads((1,), on_capture=True)[1][hd:].abs().max() > 0
+
+
+def test_subset_steps_follow_p_subset_and_draw_the_same_on_a_resume():
+    from sparsezip_pl.demo.tiny_training.language_stage import subset_tokens
+
+    args = T.parse_args(["--curriculum-steps", "0", "--curriculum-ramp", "0", "--p-subset", "0.3",
+                         "--subset-tokens", "64,128"])
+    drawn = [subset_tokens(step, args) for step in range(2000)]
+    assert set(drawn) == {None, 64, 128}
+    assert 0.25 < sum(d is not None for d in drawn) / len(drawn) < 0.35
+    assert drawn == [subset_tokens(step, args) for step in range(2000)]
+    assert all(subset_tokens(s, T.parse_args(["--curriculum-steps", "0", "--curriculum-ramp", "0"])) is None
+               for s in range(50))
+    assert subset_tokens(10, T.parse_args(["--p-subset", "1"])) == 64  # the curriculum still comes first
+    with pytest.raises(SystemExit):
+        T.parse_args(["--subset-tokens", "0,64"])

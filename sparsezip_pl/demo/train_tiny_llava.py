@@ -89,6 +89,12 @@ def parse_args(argv=None):
                    help="first language steps see only --curriculum-tokens visual tokens (all object patches + background)")
     p.add_argument("--curriculum-ramp", type=int, default=300, help="then this many steps ramp up to all 576")
     p.add_argument("--curriculum-tokens", type=int, default=64)
+    p.add_argument("--p-subset", type=float, default=0.0,
+                   help="after the curriculum, the share of language steps that see only a subset of the visual "
+                        "tokens (every object patch, then background, at their original positions)")
+    p.add_argument("--subset-tokens", type=token_counts, default=(64, 96),
+                   help="comma-separated subset sizes such a step draws from (raised to the batch's most object "
+                        "patches)")
     p.add_argument("--init-from", default="",
                    help="a state file of an earlier run (workdir/state.pt) or a checkpoint folder it wrote "
                         "(e.g. checkpoints/tiny-llava-synth, tokenizer included): take its weights (tower "
@@ -159,6 +165,17 @@ def parse_args(argv=None):
     if max(args.count_heads) >= args.lm_heads:
         p.error(f"--count-heads {','.join(map(str, args.count_heads))}: the LLM has heads 0..{args.lm_heads - 1}")
     return args
+
+
+def token_counts(text: str) -> tuple[int, ...]:
+    """``"64,96"`` -> ``(64, 96)``: visual-token counts in 1..576."""
+    try:
+        counts = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts, got {text!r}") from None
+    if not all(1 <= c <= 576 for c in counts):
+        raise argparse.ArgumentTypeError(f"token counts must lie in 1..576, got {text!r}")
+    return counts
 
 
 def head_list(text: str) -> tuple[int, ...]:

@@ -79,9 +79,21 @@ def curriculum_tokens(step: int, args):
     if step < args.curriculum_steps:
         return args.curriculum_tokens
     t = (step - args.curriculum_steps) / max(1, args.curriculum_ramp)
-    if t >= 1:
+    if t >= 1 or args.curriculum_ramp <= 0:
         return None
     return int(args.curriculum_tokens + t * (576 - args.curriculum_tokens))
+
+
+def subset_tokens(step: int, args):
+    """Visual tokens fed at ``step`` after the curriculum: all 576, or with probability
+    ``--p-subset`` (drawn from the step, so a resumed run draws the same) one of ``--subset-tokens``
+    (objects first, at their original positions), so the LLM also learns to answer from a kept
+    subset."""
+    n_keep = curriculum_tokens(step, args)
+    if n_keep is not None or args.p_subset <= 0:
+        return n_keep
+    rng = np.random.default_rng([args.seed, step, 11])
+    return int(rng.choice(args.subset_tokens)) if rng.random() < args.p_subset else None
 
 
 def yes_no_accuracy(model, hidden, packed, fams, yes_id: int, no_id: int, into: dict) -> None:
@@ -149,7 +161,7 @@ def train_lm(model, tz: Tokenized, args, stats, state_path: Path, state: dict | 
     for step in range(start, args.lm_steps):
         for g, peak in zip(opt.param_groups, peak_lrs):
             g["lr"] = peak * cosine(step, args.lm_steps, args.lm_warmup)
-        n_keep = curriculum_tokens(step, args)
+        n_keep = subset_tokens(step, args)
         px, packed, fams, keep, ground = lm_batch(tz, args.seed, step * args.lm_batch, args.lm_batch, args, stats,
                                                   n_keep=n_keep)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
