@@ -95,6 +95,14 @@ def write_card(out: Path, model, args, info: dict) -> None:
                   f"visual tokens (every patch an object touches plus random background patches, at their own "
                   f"positions), the next {args.curriculum_ramp} ramp up to all 576, the rest see all 576."
                   if args.curriculum_steps > 0 and args.curriculum_tokens < 576 else "All steps see all 576 visual tokens.")
+    if args.p_subset > 0:
+        sizes = " or ".join(str(n) for n in args.subset_tokens)
+        after = " after the curriculum" if args.curriculum_steps > 0 and args.curriculum_tokens < 576 else ""
+        curriculum = curriculum.removesuffix("All steps see all 576 visual tokens.") + (
+            f"{args.p_subset:.0%} of the steps{after} (drawn per step) see only {sizes} of the visual tokens: every "
+            f"patch an object touches, then random background patches, at their original positions (more when a "
+            f"batch's objects cover more patches), so the LLM also answers from a selection that keeps the objects; "
+            f"the others see all 576.")
     low = [f"{f} {info['eval']['all'][f]['acc']:.1f}%" for f in E.FAMILIES if info["eval"]["all"][f]["acc"] < 90.0]
     shortfall = ("On this world every family is at 90% or more with all tokens." if not low else
                  "Below the 90% target with all tokens: " + ", ".join(low) + " (yes/no pairs: chance is 50%).")
