@@ -2,11 +2,16 @@
 
 import json
 import shutil
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsezip_pl.models import ModelNotAvailableError, load_backend
+from sparsezip_pl.models.backend import DOWNLOAD_COMMAND
 from sparsezip_pl.models.tiny import cached_tiny_llava
 
 
@@ -37,8 +42,19 @@ def test_offline_hub_id_not_in_cache_says_what_to_download(family, offline):
     with pytest.raises(ModelNotAvailableError) as error:
         load_backend(family, repo)
     message = str(error.value)
-    assert f"huggingface-cli download {repo}" in message
+    assert f"{DOWNLOAD_COMMAND} {repo}" in message
     assert "offline" in message and "--local-dir" in message
+
+
+def test_the_download_command_named_in_errors_is_installed():
+    """The command the offline errors tell users to run is a console script of the installed
+    huggingface_hub (its 1.0 release removed ``huggingface-cli``, which these errors used to name)."""
+    program, *arguments = DOWNLOAD_COMMAND.split()
+    scripts = {script.name: script for script in entry_points(group="console_scripts")}
+    assert program in scripts and scripts[program].dist.name == "huggingface_hub"
+    executable = Path(sys.executable).parent / program  # installed beside this interpreter
+    result = subprocess.run([str(executable), *arguments, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--local-dir" in result.stdout, result.stderr
 
 
 def test_missing_folder_is_named():
@@ -55,7 +71,7 @@ def test_llava_tower_missing_offline_names_the_tower(tmp_path, offline):
     with pytest.raises(ModelNotAvailableError) as error:
         load_backend("llava", folder)
     message = str(error.value)
-    assert "huggingface-cli download openai/sparsezip-tests-missing-tower" in message
+    assert f"{DOWNLOAD_COMMAND} openai/sparsezip-tests-missing-tower" in message
     assert "vision_tower=" in message
     # An explicit tower folder loads it.
     backend = load_backend("llava", folder, vision_tower=folder / "vision_tower")

@@ -14,6 +14,8 @@ BatchMode = Literal["train", "generate"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TRUE = {"1", "ON", "YES", "TRUE"}
+# huggingface_hub's CLI (1.0 removed the older `huggingface-cli`).
+DOWNLOAD_COMMAND = "hf download"
 
 
 class ModelNotAvailableError(FileNotFoundError):
@@ -62,9 +64,9 @@ def resolve_pretrained(name_or_path: str | os.PathLike, what: str = "model") -> 
         f"and {name!r} is neither a local folder (no {str(path.resolve())!r}) nor in the Hugging Face cache "
         f"({HF_HUB_CACHE}).\n"
         f"On a machine with network access run\n"
-        f"    huggingface-cli download {name}\n"
+        f"    {DOWNLOAD_COMMAND} {name}\n"
         f"and copy the cache folder to {HF_HUB_CACHE} here (or point HF_HOME at it), or run\n"
-        f"    huggingface-cli download {name} --local-dir /path/to/{name.split('/')[-1]}\n"
+        f"    {DOWNLOAD_COMMAND} {name} --local-dir /path/to/{name.split('/')[-1]}\n"
         f"and pass that folder instead of {name!r}."
     )
 
