@@ -133,8 +133,10 @@ def _size(rng: np.random.Generator, p_small: float = 0.45) -> float:
     return float(rng.uniform(26, 36) if rng.random() < p_small else rng.uniform(42, 84))
 
 
-def sample_scene(rng: np.random.Generator, force_count: tuple[str, int] | None = None) -> Scene:
-    """Sample a scene: a theme, 2-5 objects (``force_count=(shape, n)`` pins one shape's count)."""
+def sample_scene(rng: np.random.Generator, force_count: tuple[str, int] | None = None,
+                 pinned_sizes: list[float] | None = None) -> Scene:
+    """Sample a scene: a theme, 2-5 objects (``force_count=(shape, n)`` pins one shape's count;
+    ``pinned_sizes``, n bounding-box edges, fixes the sizes of those pinned instances)."""
     theme = int(rng.integers(len(THEMES)))
     n = int(rng.integers(2, 6))
     shapes: list[str] = []
@@ -147,7 +149,16 @@ def sample_scene(rng: np.random.Generator, force_count: tuple[str, int] | None =
             continue
         shapes.append(s)
     objects: list[Obj] = []
+    fixed = list(pinned_sizes) if force_count is not None and pinned_sizes is not None else []
     for i, s in enumerate(shapes):
+        if fixed and s == force_count[0]:
+            size = fixed.pop()
+            pos = _place(rng, objects, size)
+            if pos is None:
+                return sample_scene(rng, force_count, pinned_sizes)
+            color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
+            objects.append(Obj(s, color, pos[0], pos[1], size))
+            continue
         size = _size(rng)
         pos = _place(rng, objects, size)
         if pos is None:  # crowded: retry small, else skip (only non-pinned objects may be skipped)
@@ -420,6 +431,19 @@ def q_count(shape: str, n: int) -> str:
 
 def _count_neighbours(n: int, max_count: int = MAX_PER_SHAPE) -> list[int]:
     return [m for m in (n - 1, n + 1) if 1 <= m <= max_count]
+
+
+def area_matched_sizes(rng: np.random.Generator, n: int) -> list[float]:
+    """Bounding-box edges for ``n`` instances of one shape whose total area does not depend on ``n``.
+
+    The total (in px^2) is drawn from one range for every n and split nearly evenly (+-20%), so the
+    area a shape covers tells nothing about how many instances there are: one large instance, two
+    middling or three small ones. Edges stay within the world's sizes (26-84 px).
+    """
+    total = rng.uniform(2600.0, 7000.0)
+    shares = rng.uniform(0.8, 1.2, n)
+    shares /= shares.sum()
+    return [float(np.clip(np.sqrt(total * share), 26.0, 84.0)) for share in shares]
 
 
 def draw_pinned_count(rng: np.random.Generator) -> int:

@@ -89,6 +89,10 @@ def parse_args(argv=None):
                    help="first language steps see only --curriculum-tokens visual tokens (all object patches + background)")
     p.add_argument("--curriculum-ramp", type=int, default=300, help="then this many steps ramp up to all 576")
     p.add_argument("--curriculum-tokens", type=int, default=64)
+    p.add_argument("--count-area-match", type=float, default=0.0,
+                   help="share of counting scenes (--p-count-scene) whose counted instances share one total "
+                        "area whatever their number (synthetic.area_matched_sizes), so that area cannot stand in "
+                        "for the count")
     p.add_argument("--p-subset", type=float, default=0.0,
                    help="after the curriculum, the share of language steps that see only a subset of the visual "
                         "tokens (every object patch, then background, at their original positions)")

@@ -13,10 +13,13 @@ YES_NO = ("Yes", "No")
 
 def training_items(rng, args, stats):
     """A scene and its training conversations: [(turns, family)] (turns = [(q, a), ...])."""
-    force = None
+    force, sizes = None, None
     if rng.random() < args.p_count_scene:
         force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], S.draw_pinned_count(rng))
-    scene = S.sample_scene(rng, force)
+        # Drawn only when asked for, so runs without --count-area-match see the same scenes as before.
+        if args.count_area_match > 0 and rng.random() < args.count_area_match:
+            sizes = S.area_matched_sizes(rng, force[1])
+    scene = S.sample_scene(rng, force, sizes)
     items, seen = [], set()
 
     def add(pair, fam):
