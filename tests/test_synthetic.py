@@ -246,3 +246,24 @@ def test_object_coverage_bench_layers_config_files_like_the_cli():
         "dynk": {"rule": "attention_entropy", "scale": calibrated}, "merging": {"contextual_num": 16},
         "visual_positions": "original",
     }
+
+
+def test_area_matched_count_scenes_hide_the_count_in_area():
+    """--count-area-match scenes: the counted shape's total area has the same spread for one, two
+    and three instances (in natural scenes it grows with the count), and the scene holds exactly
+    the requested sizes."""
+    medians = {}
+    for n in (1, 2, 3):
+        totals = []
+        for i in range(300):
+            rng = np.random.default_rng([7, n, i])
+            sizes = S.area_matched_sizes(rng, n)
+            scene = S.sample_scene(rng, ("star", n), sizes)
+            placed = sorted(o.size for o in scene.objects if o.shape == "star")
+            assert placed == sorted(sizes) and all(26 <= s <= 84 for s in sizes)
+            totals.append(sum(s * s for s in placed))
+        medians[n] = float(np.median(totals))
+    assert max(medians.values()) < 1.15 * min(medians.values())
+    natural = [sum(o.size ** 2 for o in S.sample_scene(np.random.default_rng([7, 3, i]), ("star", 3)).objects
+                   if o.shape == "star") for i in range(300)]
+    assert np.median(natural) > 1.3 * medians[3]
