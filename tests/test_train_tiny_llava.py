@@ -316,3 +316,27 @@ def test_subset_steps_follow_p_subset_and_draw_the_same_on_a_resume():
     assert subset_tokens(10, T.parse_args(["--p-subset", "1"])) == 64  # the curriculum still comes first
     with pytest.raises(SystemExit):
         T.parse_args(["--subset-tokens", "0,64"])
+
+
+def test_count_area_match_draws_area_matched_count_scenes_and_nothing_when_off():
+    """--count-area-match 1: every counting scene's counted shape covers one total area range
+    whatever the count; at 0 (the default) the training scenes are drawn exactly as the shipped
+    runs drew them (the option takes no random draw), so the card's commands still reproduce."""
+    import numpy as np
+
+    stats = S.world_statistics(0, n=200)
+    base = ["--p-count-scene", "1.0"]
+    off, on = T.parse_args(base), T.parse_args(base + ["--count-area-match", "1.0"])
+    areas: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    for i in range(150):
+        scene_off, _ = data.training_items(np.random.default_rng([3, i]), off, stats)
+        rng = np.random.default_rng([3, i])  # the draws training_items made before the option existed
+        rng.random()
+        force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], S.draw_pinned_count(rng))
+        assert scene_off == S.sample_scene(rng, force)
+        scene_on, _ = data.training_items(np.random.default_rng([3, i]), on, stats)
+        pinned = [o.size ** 2 for o in scene_on.objects if o.shape == force[0]]
+        assert len(pinned) == force[1]
+        areas[force[1]].append(sum(pinned))
+    assert all(2600 * 0.9 <= a <= 7000 * 1.1 for values in areas.values() for a in values)
+    assert max(np.median(v) for v in areas.values()) < 1.3 * min(np.median(v) for v in areas.values())
