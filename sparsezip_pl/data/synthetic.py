@@ -150,23 +150,17 @@ def sample_scene(rng: np.random.Generator, force_count: tuple[str, int] | None =
         shapes.append(s)
     objects: list[Obj] = []
     fixed = list(pinned_sizes) if force_count is not None and pinned_sizes is not None else []
-    for i, s in enumerate(shapes):
-        if fixed and s == force_count[0]:
-            size = fixed.pop()
-            pos = _place(rng, objects, size)
-            if pos is None:
-                return sample_scene(rng, force_count, pinned_sizes)
-            color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
-            objects.append(Obj(s, color, pos[0], pos[1], size))
-            continue
-        size = _size(rng)
+    for s in shapes:
+        pinned = force_count is not None and s == force_count[0]
+        given = pinned and bool(fixed)
+        size = fixed.pop() if given else _size(rng)
         pos = _place(rng, objects, size)
-        if pos is None:  # crowded: retry small, else skip (only non-pinned objects may be skipped)
+        if pos is None and not given:  # crowded: retry small, else skip (only non-pinned objects may be skipped)
             size = _size(rng, 1.0)
             pos = _place(rng, objects, size)
         if pos is None:
-            if force_count is not None and s == force_count[0]:
-                return sample_scene(rng, force_count)
+            if pinned:
+                return sample_scene(rng, force_count, pinned_sizes)
             continue
         color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
         objects.append(Obj(s, color, pos[0], pos[1], size))
