@@ -319,8 +319,9 @@ def test_subset_steps_follow_p_subset_and_draw_the_same_on_a_resume():
 
 
 def test_count_area_match_draws_area_matched_count_scenes_and_nothing_when_off():
-    """--count-area-match 1: every counting scene's counted shape gets area-matched sizes; at 0 (the default) the training scenes are drawn exactly as the shipped
-    runs drew them (the option takes no random draw), so the card's commands still reproduce."""
+    """--count-area-match 1: every counting scene's counted shape gets area-matched sizes; at 0
+    (the default) the training scenes are drawn exactly as the shipped runs drew them (the option
+    takes no random draw), so the card's commands still reproduce."""
     import numpy as np
 
     stats = S.world_statistics(0, n=200)
