@@ -27,7 +27,9 @@ def test_loaded_model_is_frozen_and_described(family):
     assert not backend.model.training
     assert all(not p.requires_grad for p in backend.model.parameters())
     assert backend.dtype == torch.bfloat16
-    assert next(backend.vision_tower.parameters()).dtype == torch.bfloat16
+    # The original code's stock loader leaves the tower in its checkpoint's dtype (float32 here).
+    tower_dtype = torch.bfloat16 if family == "hf" else torch.float32
+    assert next(backend.vision_tower.parameters()).dtype == tower_dtype
     assert type(backend.vision_tower).__name__ == "CLIPVisionModel"
     assert backend.feature_layer == -2 and backend.select_strategy == "default"
     assert (backend.vision_num_heads, backend.vision_head_dim, backend.vision_hidden_size) == (4, 16, 64)

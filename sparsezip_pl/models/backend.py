@@ -28,11 +28,21 @@ def is_offline() -> bool:
 
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or a ``torch.dtype``) -> ``torch.dtype``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device, stock_gpu_dtype: torch.dtype) -> torch.dtype:
+    """The weights' dtype for ``dtype="auto"``: what the family's stock loader gives on a GPU
+    (``stock_gpu_dtype``), and float32 on a CPU (half-precision matmuls there are slow or missing).
+    Any other value is taken as given."""
+    if dtype != "auto":
+        return torch_dtype(dtype)
+    return stock_gpu_dtype if torch.device(device).type != "cpu" else torch.float32
 
 
 def _looks_like_local_path(name: str) -> bool:
@@ -69,6 +79,34 @@ def resolve_pretrained(name_or_path: str | os.PathLike, what: str = "model") -> 
         f"    {DOWNLOAD_COMMAND} {name} --local-dir /path/to/{name.split('/')[-1]}\n"
         f"and pass that folder instead of {name!r}."
     )
+
+
+def vision_patch_count(family: Family, model_path: str | os.PathLike) -> int:
+    """N, the patches the vision tower of a checkpoint produces per image, read from its config
+    files alone (no weights): ``(image_size // patch_size) ** 2``."""
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    path = resolve_pretrained(model_path, f"LLaVA checkpoint ({family})")
+    offline = is_offline()
+    if family == "hf":
+        vision = AutoConfig.from_pretrained(path, local_files_only=offline).vision_config
+    elif family == "llava":
+        import json
+
+        from huggingface_hub import hf_hub_download
+
+        folder = Path(path)
+        config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(path, "config.json"))
+        tower = json.loads(config_file.read_text(encoding="utf-8")).get("mm_vision_tower")
+        if tower is None:
+            raise ValueError(f"{config_file}: no 'mm_vision_tower' (is this an original LLaVA checkpoint?)")
+        if folder.is_dir() and not Path(tower).is_absolute() and (folder / tower).is_dir():
+            tower = str(folder / tower)
+        vision = CLIPVisionConfig.from_pretrained(resolve_pretrained(tower, f"vision tower of {model_path}"),
+                                                  local_files_only=offline)
+    else:
+        raise ValueError(f"family must be 'hf' or 'llava', got {family!r}")
+    return (vision.image_size // vision.patch_size) ** 2
 
 
 def find_vision_tower(model: nn.Module) -> nn.Module:
@@ -171,6 +209,11 @@ class LlavaBackend:
         return self.model.get_input_embeddings().weight.dtype
 
     # ----------------------------------------------------------- operations
+    def pixels_for_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixel values as the stock pipeline hands them to the tower (on the model's device; the
+        tower casts them to its own dtype)."""
+        return pixel_values.to(self.device)
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings; placeholder ids outside the vocabulary (llava's -200) embed as pad."""
         ids = input_ids.masked_fill(input_ids < 0, self.pad_token_id)
@@ -238,7 +281,7 @@ class LlavaBackend:
 def load_backend(
     family: Family,
     model_path: str | os.PathLike,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     **kwargs,
 ) -> LlavaBackend:

@@ -88,7 +88,7 @@ class CompressedLlava(nn.Module):
         with torch.no_grad():
             capture = encode_with_capture(
                 self.backend.vision_tower,
-                pixel_values.to(self.backend.device),
+                self.backend.pixels_for_tower(pixel_values),
                 self.backend.feature_layer,
                 scoring_layers,
             )

@@ -39,10 +39,13 @@ class HFLlavaBackend(LlavaBackend):
     def from_pretrained(
         cls,
         model_path: str | os.PathLike,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         **kwargs,
     ) -> HFLlavaBackend:
+        """Load as ``LlavaForConditionalGeneration.from_pretrained`` does. ``dtype="auto"``: the
+        checkpoint's own dtype on a GPU (float16 for llava-hf/llava-1.5-*-hf), which is what
+        ``from_pretrained`` gives by default in transformers 5; float32 on a CPU."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         path = resolve_pretrained(model_path, "LLaVA checkpoint (transformers)")
@@ -50,8 +53,10 @@ class HFLlavaBackend(LlavaBackend):
         device = torch.device(device)
         if device.type != "cpu":
             kwargs.setdefault("device_map", {"": device})
+        if dtype == "auto":
+            dtype = "auto" if device.type != "cpu" else torch.float32
         model = LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=torch_dtype(dtype), local_files_only=offline, **kwargs
+            path, dtype=dtype if dtype == "auto" else torch_dtype(dtype), local_files_only=offline, **kwargs
         )
         processor = AutoProcessor.from_pretrained(path, local_files_only=offline)
         return cls(freeze(model.to(device)), processor=processor)

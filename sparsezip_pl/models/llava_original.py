@@ -20,8 +20,8 @@ from sparsezip_pl.models.backend import (
     ModelNotAvailableError,
     freeze,
     is_offline,
+    resolve_dtype,
     resolve_pretrained,
-    torch_dtype,
 )
 from sparsezip_pl.models.batching import BatchBuilder, ConversationFormat, ImagePreprocessor, Tokenization
 
@@ -85,13 +85,20 @@ class OriginalLlavaBackend(LlavaBackend):
     def from_pretrained(
         cls,
         model_path: str | os.PathLike,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         vision_tower: str | os.PathLike | None = None,
         conv_template: str = "vicuna_v1",
         **kwargs,
     ) -> OriginalLlavaBackend:
-        """Load like ``llava.model.builder.load_pretrained_model`` (non-LoRA, full checkpoint), in ``dtype``.
+        """Load as ``llava.model.builder.load_pretrained_model`` does for a full (non-LoRA) checkpoint.
+
+        The steps are the stock loader's: the slow tokenizer; the LLM by ``from_pretrained`` in
+        ``dtype`` (``"auto"``: float16 on a GPU, the stock loader's only dtype, float32 on a CPU),
+        which leaves float32 buffers such as the rotary ``inv_freq`` in float32; the optional
+        image tokens; then the vision tower from ``mm_vision_tower`` in its own checkpoint's
+        dtype, not cast (the stock loader casts it only when given an explicit ``device_map``).
+        Nothing is cast with ``.to(dtype)`` afterwards: that would also round those buffers.
 
         The checkpoint holds no tower weights: the tower loads from ``mm_vision_tower`` (a hub id
         such as openai/clip-vit-large-patch14-336, or a folder; a relative folder is looked up
@@ -115,8 +122,9 @@ class OriginalLlavaBackend(LlavaBackend):
             ) from None
         # The original code only accepts an existing folder or an openai/laion hub id here.
         config.mm_vision_tower = tower_name
-        dtype = torch_dtype(dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+        device = torch.device(device)
+        dtype = resolve_dtype(dtype, device, torch.float16)
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=False, local_files_only=offline)
         model = model_cls.from_pretrained(
             path, config=config, dtype=dtype, low_cpu_mem_usage=True, local_files_only=offline, **kwargs
         )
@@ -131,12 +139,12 @@ class OriginalLlavaBackend(LlavaBackend):
             model.resize_token_embeddings(len(tokenizer))
         wrapper = model.get_vision_tower()
         if not wrapper.is_loaded:
-            # The body of CLIPVisionTower.load_model, with our dtype and offline flag.
+            # The body of CLIPVisionTower.load_model, with the offline flag.
             wrapper.image_processor = CLIPImageProcessor.from_pretrained(tower_name, local_files_only=offline)
-            wrapper.vision_tower = CLIPVisionModel.from_pretrained(tower_name, dtype=dtype, local_files_only=offline)
+            wrapper.vision_tower = CLIPVisionModel.from_pretrained(tower_name, local_files_only=offline)
             wrapper.vision_tower.requires_grad_(False)
             wrapper.is_loaded = True
-        model = freeze(model.to(device=torch.device(device), dtype=dtype))
+        model = freeze(model.to(device))
         return cls(model, tokenizer, conv_template=conv_template)
 
     @property
@@ -155,6 +163,11 @@ class OriginalLlavaBackend(LlavaBackend):
     @property
     def image_aspect_ratio(self) -> str:
         return getattr(self.model.config, "image_aspect_ratio", "square")
+
+    def pixels_for_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """In the LLM's dtype first, as LLaVA's evaluation scripts pass ``images`` (the tower, which
+        may keep another dtype, then casts them again)."""
+        return pixel_values.to(device=self.device, dtype=self.dtype)
 
     def language_model(self, *args, **kwargs):
         with cache_kwarg_compat(self.model):
