@@ -150,7 +150,7 @@ def test_trainer_eval_run_reports_both(tmp_path):
                         batch_size=3, num_workers=1, on_error="skip")
     (result,) = _trainer().test(EchoModel(), datamodule=dm)
     assert result["mme/num_samples"] == 6 and result["pope/num_samples"] == 12
-    assert result["mme/existence/acc"] == 50 and result["mme/perception_total"] == 50
+    assert result["mme/existence/acc"] == 50 and result["mme/perception_total_1of10"] == 50
     assert result["pope/avg/yes_ratio"] == 100 and result["pope/avg/recall"] == 100
     assert dm.skipped == {"corrupt_image": 1}
     _trainer().test(EchoModel(), datamodule=dm)

@@ -71,7 +71,13 @@ def _break(root, case):
         return "malformed_pair", r"0001.txt: expected 2 lines.*found 1"
     if case == "no_tab":
         txt.write_text("Is it? Yes\nIs it not?\tNo\n")
-        return "malformed_pair", r"0001.txt: line 1: no tab"
+        return "malformed_pair", r"0001.txt: line 1: expected 'question<TAB>answer', found 1 tab-separated field$"
+    if case == "three_fields":  # rsplit on the last tab would have read "Is it?\tmaybe" as the question
+        txt.write_text("Is it?\tNo\nIs it?\tmaybe\tYes\n")
+        return "malformed_pair", r"0001.txt: line 2: expected 'question<TAB>answer', found 3 tab-separated fields"
+    if case == "empty_question":
+        txt.write_text("\n \tYes\nIs it not?\tNo\n")
+        return "malformed_pair", r"0001.txt: line 2: empty question"
     if case == "bad_answer":
         txt.write_text("Is it?\tYes\nIs it not?\tMaybe\n")
         return "bad_answer", r"0001.txt: line 2: answer 'Maybe' is not Yes/No"
@@ -81,7 +87,8 @@ def _break(root, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["one_line", "no_tab", "bad_answer", "missing_image"])
+@pytest.mark.parametrize("case", ["one_line", "no_tab", "three_fields", "empty_question", "bad_answer",
+                                  "missing_image"])
 def test_bad_annotations(tmp_path, case):
     root = write_mme_folder(tmp_path)
     reason, pattern = _break(root, case)

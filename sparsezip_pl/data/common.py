@@ -24,6 +24,7 @@ LightningModule knows the LLM's context), ``prompt_too_long``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ SAMPLE_KEYS = (
     "answer",
     "conversations",
     "pair_id",
+    "order",
 )
 
 
@@ -100,6 +102,7 @@ class SkipLedger:
 
     def __init__(self) -> None:
         self._keys: dict[str, set[str]] = {}
+        self._first: dict[str, str] = {}
         self.messages: list[str] = []
         self._warned = 0
 
@@ -109,6 +112,7 @@ class SkipLedger:
         if key in keys:
             return False
         keys.add(key)
+        self._first.setdefault(reason, message)
         if len(self.messages) < self.max_messages:
             self.messages.append(message)
         if self._warned < self.max_warnings:
@@ -127,6 +131,23 @@ class SkipLedger:
     def keys(self) -> dict[str, set[str]]:
         """Reason -> the keys of its skipped items (to merge the ledgers of several processes)."""
         return {reason: set(keys) for reason, keys in self._keys.items() if keys}
+
+    @property
+    def first_messages(self) -> dict[str, str]:
+        """Reason -> the message of its first skipped item (which file, line or sample)."""
+        return dict(sorted(self._first.items()))
+
+    def merge(self, other: SkipLedger) -> None:
+        """Count ``other``'s skips here too (each item once)."""
+        for reason, keys in other._keys.items():
+            self._keys.setdefault(reason, set()).update(keys)
+        for reason, message in other._first.items():
+            self._first.setdefault(reason, message)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """``{reason: {"count": N, "first": message}}``, the record of a run's skips."""
+        first = self.first_messages
+        return {reason: {"count": count, "first": first.get(reason, "")} for reason, count in self.counts.items()}
 
     @property
     def total(self) -> int:
@@ -274,7 +295,27 @@ class RecordDataset(Dataset):
             "answer": record["answer"],
             "conversations": record["conversations"],
             "pair_id": record["pair_id"],
+            "order": index,
         }
+
+    def digest(self) -> str:
+        """sha256 of what the samples ask and expect, in order: ids, questions (or
+        conversations), answers and image paths. Two data sets with the same digest are scored
+        the same way; a resumed run compares it with the digest of the run it continues."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            fields = [record["sample_id"], record["question"], record["answer"], record["conversations"],
+                      record["image_path"]]
+            digest.update(json.dumps(fields, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8"))
+            digest.update(b"\n")
+        return digest.hexdigest()
+
+    def check_first_sample(self) -> None:
+        """Decode the first sample now: a source whose images cannot be read fails at set-up, before
+        any model weight loads, rather than at its first batch. (In ``skip`` mode a bad first image
+        is left to the loaders, which count it.)"""
+        if len(self) and self.on_error == "raise":
+            self[0]
 
 
 def verify_record_images(

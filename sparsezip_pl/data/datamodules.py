@@ -76,6 +76,23 @@ class _BaseDataModule(pl.LightningDataModule):
     def _log_built(self, what: str, dataset: Dataset) -> None:
         log.info("%s: %d samples, %s", what, len(dataset), self.skip_ledger.summary())
 
+    def identity(self) -> dict[str, Any]:
+        """What the data is: the settings that choose it (local paths made absolute) and, per data
+        set, its sample count and content digest (ids, questions, answers, image paths). A run
+        record stores it; a resumed run must match it."""
+        raise NotImplementedError
+
+
+def _absolute(source: Any) -> Any:
+    """A local path as an absolute string (so runs from other folders compare equal); hub ids as given."""
+    if isinstance(source, str) and os.path.exists(source):
+        return os.path.abspath(source)
+    return source
+
+
+def _describe(dataset: Any) -> dict[str, Any]:
+    return {"samples": len(dataset), "digest": dataset.digest()}
+
 
 class InstructDataModule(_BaseDataModule):
     """LLaVA-Instruct-style conversations for tuning (train, optional val).
@@ -164,12 +181,53 @@ class InstructDataModule(_BaseDataModule):
                 self.hf_split, self.cache_dir, self.check_images, self.max_samples,
             )
             self._log_built(f"instruction data {self.train_source}", self.train_dataset)
+            self.train_dataset.check_first_sample()
         if self.val_dataset is None and self.val_source and stage in (None, "fit", "validate"):
             self.val_dataset = build_instruct_dataset(
                 self.val_source, self.val_image_dir or self.image_dir, self.on_error, self.skip_ledger,
                 "instruct-val", self.hf_split, self.cache_dir, self.check_images, None,
             )
             self._log_built(f"validation data {self.val_source}", self.val_dataset)
+            self.val_dataset.check_first_sample()
+        if self.val_benchmark is not None and stage in (None, "fit", "validate"):
+            self.val_benchmark.setup(stage)
+
+    def identity(self) -> dict[str, Any]:
+        """The training data (source, image folder, sample limit, digest) and the validation data."""
+        identity: dict[str, Any] = {
+            "train_source": _absolute(self.train_source), "image_dir": _absolute(self.image_dir),
+            "max_samples": self.max_samples, "hf_split": self.hf_split,
+        }
+        if self.train_dataset is not None:
+            identity["train"] = _describe(self.train_dataset)
+        if self.val_source:
+            identity["val_source"] = _absolute(self.val_source)
+            if self.val_dataset is not None:
+                identity["val"] = _describe(self.val_dataset)
+        if self.val_benchmark is not None:
+            identity["val_benchmark"] = self.val_benchmark.identity()
+        return identity
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in training checkpoints: what the run trained on (see :meth:`load_state_dict`)."""
+        return {"train": {key: value for key, value in self.identity().items()
+                          if key in ("train_source", "image_dir", "max_samples", "hf_split", "train")}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resuming ``fit`` from a checkpoint of a run that trained on other data is refused: the
+        restored loop position and shuffle order would be applied to another data set."""
+        saved = state.get("train")
+        trainer = getattr(self, "trainer", None)
+        if saved is None or trainer is None or trainer.state.fn != "fit":
+            return
+        current = self.state_dict()["train"]
+        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        if changed:
+            details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, this run {current.get(key)!r}" for key in changed)
+            raise ValueError(
+                f"the checkpoint being resumed was trained on other data ({details}). Resume with the same "
+                "training data, or start a new run without --ckpt_path."
+            )
 
     def train_dataloader(self) -> SkipCountingDataLoader:
         """Training batches (shuffled unless ``shuffle`` is False), resumable mid-epoch."""
@@ -214,15 +272,32 @@ class _EvalDataModule(_BaseDataModule):
         super().__init__(batch_size, num_workers, pin_memory, on_error, cache_dir)
         self.verify_images = verify_images
         self.dataset: Dataset | None = None
+        self.parts: dict[str, Dataset] = {}
 
-    def _build(self) -> Dataset:
+    def _build_parts(self) -> dict[str, Dataset]:
+        """The benchmark data sets this module serves, by task name (``mme``, ``pope``)."""
+        raise NotImplementedError
+
+    def _sources(self) -> dict[str, Any]:
+        """The settings that choose the data (for :meth:`identity`)."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Read and validate the annotations (once; the same set serves every stage)."""
+        """Read and validate the annotations and decode each source's first image (once; the same
+        set serves every stage)."""
         if self.dataset is None:
-            self.dataset = self._build()
+            self.parts = self._build_parts()
+            for part in self.parts.values():
+                part.check_first_sample()
+            parts = list(self.parts.values())
+            self.dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
             self._log_built(type(self).__name__, self.dataset)
+
+    def identity(self) -> dict[str, Any]:
+        """The sources and, per benchmark, the sample count and digest."""
+        self.setup()
+        sources = {key: _absolute(value) for key, value in self._sources().items()}
+        return {"sources": sources, **{name: _describe(part) for name, part in self.parts.items()}}
 
     def _eval_loader(self) -> SkipCountingDataLoader:
         self.setup()
@@ -280,11 +355,15 @@ class MMEDataModule(_EvalDataModule):
         self.max_per_category = max_per_category
         self.hf_split = hf_split
 
-    def _build(self) -> Dataset:
-        return build_mme_dataset(
+    def _build_parts(self) -> dict[str, Dataset]:
+        return {"mme": build_mme_dataset(
             self.root, self.subtasks, self.on_error, self.skip_ledger, self.hf_split, self.cache_dir,
             self.max_per_category, self.verify_images,
-        )
+        )}
+
+    def _sources(self) -> dict[str, Any]:
+        return {"mme_root": self.root, "mme_subtasks": self.subtasks, "max_per_category": self.max_per_category,
+                "hf_split": self.hf_split}
 
 
 class POPEDataModule(_EvalDataModule):
@@ -331,11 +410,15 @@ class POPEDataModule(_EvalDataModule):
         self.max_per_category = max_per_category
         self.hf_split = hf_split
 
-    def _build(self) -> Dataset:
-        return build_pope_dataset(
+    def _build_parts(self) -> dict[str, Dataset]:
+        return {"pope": build_pope_dataset(
             self.source, self.image_dir, self.splits, self.label_dir, self.on_error, self.skip_ledger,
             self.hf_split, self.cache_dir, self.max_per_category, self.verify_images,
-        )
+        )}
+
+    def _sources(self) -> dict[str, Any]:
+        return {"pope_source": self.source, "pope_image_dir": self.image_dir, "pope_splits": self.splits,
+                "pope_label_dir": self.label_dir, "max_per_category": self.max_per_category, "hf_split": self.hf_split}
 
 
 class EvalDataModule(_EvalDataModule):
@@ -388,18 +471,23 @@ class EvalDataModule(_EvalDataModule):
         self.pope_label_dir = pope_label_dir
         self.max_per_category = max_per_category
         self.hf_split = hf_split
-        self.parts: dict[str, Dataset] = {}
 
-    def _build(self) -> Dataset:
+    def _build_parts(self) -> dict[str, Dataset]:
+        parts: dict[str, Dataset] = {}
         if self.mme_root is not None:
-            self.parts["mme"] = build_mme_dataset(
+            parts["mme"] = build_mme_dataset(
                 self.mme_root, self.mme_subtasks, self.on_error, self.skip_ledger, self.hf_split,
                 self.cache_dir, self.max_per_category, self.verify_images,
             )
         if self.pope_source is not None:
-            self.parts["pope"] = build_pope_dataset(
+            parts["pope"] = build_pope_dataset(
                 self.pope_source, self.pope_image_dir, self.pope_splits, self.pope_label_dir, self.on_error,
                 self.skip_ledger, self.hf_split, self.cache_dir, self.max_per_category, self.verify_images,
             )
-        parts = list(self.parts.values())
-        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        return parts
+
+    def _sources(self) -> dict[str, Any]:
+        return {"mme_root": self.mme_root, "mme_subtasks": self.mme_subtasks, "pope_source": self.pope_source,
+                "pope_image_dir": self.pope_image_dir, "pope_splits": self.pope_splits,
+                "pope_label_dir": self.pope_label_dir, "max_per_category": self.max_per_category,
+                "hf_split": self.hf_split}

@@ -112,27 +112,38 @@ def _pair_records(
 
 
 def _parse_txt(txt: Path, pair_key: str, handle: IssueHandler) -> list[tuple[str, str]] | None:
-    """Two ``question<TAB>answer`` lines -> [(question, "yes"/"no")] or None after an issue."""
+    """Two ``question<TAB>answer`` lines -> [(question, "yes"/"no")] or None after an issue.
+
+    A line with another number of tab-separated fields, or an empty question, means something
+    else than MME's layout says: an issue naming the file and line, never a guess.
+    """
     try:
-        lines = [line for line in txt.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        text = txt.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         handle("malformed_pair", pair_key, f"{txt}: cannot read: {err}")
         return None
+    lines = [(lineno, line) for lineno, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if len(lines) != 2:
         handle("malformed_pair", pair_key,
                f"{txt}: expected 2 lines 'question<TAB>answer', found {len(lines)}")
         return None
     pairs = []
-    for lineno, line in enumerate(lines, start=1):
-        if "\t" not in line:
-            handle("malformed_pair", pair_key, f"{txt}: line {lineno}: no tab between question and answer")
+    for lineno, line in lines:
+        fields = line.split("\t")
+        if len(fields) != 2:
+            handle("malformed_pair", pair_key,
+                   f"{txt}: line {lineno}: expected 'question<TAB>answer', found {len(fields)} tab-separated "
+                   f"field{'s' if len(fields) != 1 else ''}")
             return None
-        question, raw = line.rsplit("\t", 1)
+        question, raw = fields[0].strip(), fields[1]
+        if not question:
+            handle("malformed_pair", pair_key, f"{txt}: line {lineno}: empty question")
+            return None
         answer = normalize_yes_no(raw)
         if answer is None:
             handle("bad_answer", pair_key, f"{txt}: line {lineno}: answer {raw.strip()!r} is not Yes/No")
             return None
-        pairs.append((question.strip(), answer))
+        pairs.append((question, answer))
     return pairs
 
 
@@ -211,8 +222,8 @@ def read_mme_parquet(
                 handle("bad_answer", pair_key,
                        f"{source}: row {r} ({qid}): answer {meta[r]['answer']!r} is not Yes/No")
                 break
-            if not isinstance(meta[r]["question"], str):
-                handle("bad_field", pair_key, f"{source}: row {r} ({qid}): field 'question' is not text")
+            if not isinstance(meta[r]["question"], str) or not meta[r]["question"].strip():
+                handle("bad_field", pair_key, f"{source}: row {r} ({qid}): field 'question' is empty or not text")
                 break
             questions.append((meta[r]["question"].strip(), answer))
         else:

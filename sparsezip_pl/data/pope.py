@@ -109,8 +109,8 @@ def read_pope_json(
         fields = {}
         for field in ("question_id", "image", "text"):
             value = item.get(field)
-            if value is None or (field != "question_id" and not isinstance(value, str)):
-                handle("bad_field", where, f"{where}: field {field!r} missing or not text")
+            if value is None or (field != "question_id" and (not isinstance(value, str) or not value.strip())):
+                handle("bad_field", where, f"{where}: field {field!r} missing, empty or not text")
                 break
             fields[field] = value
         else:
@@ -167,8 +167,8 @@ def read_pope_parquet(
         if max_per_category is not None and len(records[split]) >= max_per_category:
             continue
         sample_id = f"{split}/{item['question_id']}"
-        if not isinstance(item["question"], str):
-            handle("bad_field", sample_id, f"{where}: field 'question' is not text")
+        if not isinstance(item["question"], str) or not item["question"].strip():
+            handle("bad_field", sample_id, f"{where}: field 'question' is empty or not text")
             continue
         answer = normalize_yes_no(item["answer"])
         if answer is None:
