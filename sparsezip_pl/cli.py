@@ -3,46 +3,28 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sparsezip_pl.lit.callbacks import (
     KeptTokensPictures,
     PredictionWriter,
     ResultsTable,
+    RunRecord,
     TokenBudgetLogger,
     to_jsonable,
-    unused_path,
 )
 from sparsezip_pl.lit.module import SparseZipModule
-
-
-class SaveConfigInRunFolder(SaveConfigCallback):
-    """Lightning's ``config.yaml`` of the run, never written over a file outside a run folder.
-
-    With a logger the file goes into the run's version folder, where rewriting it is safe (a
-    resumed run may reuse a fixed folder). With ``--trainer.logger=false`` Lightning writes it to
-    ``default_root_dir``, by default the working directory, where a ``config.yaml`` may be the
-    user's own: an existing one is then left alone and the run's config goes to the first free
-    ``config-N.yaml`` (:func:`~sparsezip_pl.lit.callbacks.unused_path`, as ``results.json`` does),
-    with a warning that names it.
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not trainer.loggers and not self.already_saved and self.save_to_log_dir:
-            path = Path(trainer.log_dir) / self.config_filename  # log_dir is collective under DDP
-            free = trainer.strategy.broadcast(unused_path(path).name if trainer.is_global_zero else None)
-            if free != path.name:
-                rank_zero_warn(f"{path} exists and the run has no logger folder: its config saved as {free} instead")
-                self.config_filename = free
-        super().setup(trainer, pl_module, stage)
 
 
 class SparseZipCLI(LightningCLI):
@@ -62,6 +44,8 @@ class SparseZipCLI(LightningCLI):
     """
 
     def add_arguments_to_parser(self, parser) -> None:
+        # ``run`` first: its callback claims the run folder before any other writes there.
+        parser.add_lightning_class_args(RunRecord, "run")
         parser.add_lightning_class_args(TokenBudgetLogger, "budget")
         parser.add_lightning_class_args(KeptTokensPictures, "pictures")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -76,18 +60,30 @@ class SparseZipCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+        saved = read_checkpoint(ckpt_path).get("hyper_parameters", {})
         given = self.config[subcommand].get("model")
         for key, (ours, theirs) in sorted(settings_differences(given, saved).items()):
             rank_zero_warn(f"{ckpt_path} was saved with model.{key} = {theirs!r}; this run uses {ours!r}")
 
-    def before_fit(self) -> None:
+    def _resolve_last(self) -> None:
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
             found = find_last_checkpoint(self.trainer, self.model)
             if found is not None:
-                rank_zero_info(f"Resuming from {found}")
+                rank_zero_info(f"Using {found}")
                 config["ckpt_path"] = str(found)
+
+    def before_fit(self) -> None:
+        self._resolve_last()
+
+    def before_validate(self) -> None:
+        self._resolve_last()
+
+    def before_test(self) -> None:
+        self._resolve_last()
+
+    def before_predict(self) -> None:
+        self._resolve_last()
 
 
 _IDENTITY = ("backend", "model_path", "dtype", "compressor")
@@ -127,26 +123,71 @@ def find_last_checkpoint(trainer: L.Trainer, module: L.LightningModule | None = 
         folders.append(Path(trainer.default_root_dir) / "checkpoints")
     candidates = {path for folder in folders if folder.is_dir() for path in folder.glob("last*.ckpt")}
     for path in sorted(candidates, key=lambda path: path.stat().st_mtime, reverse=True):
-        if module is None:
-            return path
-        saved = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
-        if _identity(saved) == _identity(module.hparams):
+        try:
+            saved = read_checkpoint(path).get("hyper_parameters", {})
+        except CheckpointError as error:
+            rank_zero_warn(f"skipping {path}: {error}")
+            continue
+        if module is None or _identity(saved) == _identity(module.hparams):
             return path
         rank_zero_warn(f"{path} was saved with other model or compressor settings; not resuming from it")
     return None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, not a checkpoint)."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` of a checkpoint (tensors on CPU, weights only), or :class:`CheckpointError`
+    naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, EOFError, UnpicklingError...
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(error).__name__}: {error}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+_STOPPED_BY: list[int] = []
+
+
+def _stop_at_the_next_batch(signum, frame) -> None:
+    """Ctrl-C: the first one stops the run as SIGTERM does (at the next batch boundary, answers
+    and a resumable state kept); a second one interrupts at once."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _STOPPED_BY.append(signal.SIGINT)
+    rank_zero_info("Stopping after the current batch (Ctrl-C again to stop at once)")
+    signal.raise_signal(signal.SIGTERM)
+
+
 def main(args=None) -> SparseZipCLI:
+    """Run the CLI. A run stopped by SIGTERM or Ctrl-C exits with a non-zero status (143 or 130,
+    128 + the signal's number): Lightning ends it at a batch boundary with ``SystemExit()``, which
+    alone would exit 0, as if the run had finished."""
     # The compressor's options are documented by attribute docstrings (config.py).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    return SparseZipCLI(
-        SparseZipModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="sparsezip")},
-        # A resumed run may write into the interrupted run's folder (fixed log or output folders).
-        save_config_callback=SaveConfigInRunFolder,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _stop_at_the_next_batch) if in_main_thread else None
+    try:
+        return SparseZipCLI(
+            SparseZipModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="sparsezip")},
+            # config.yaml goes into the run folder, which RunRecord has claimed for this project by then
+            # (a resumed run rewrites its own).
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except SIGTERMException:
+        stopped_by = _STOPPED_BY[-1] if _STOPPED_BY else signal.SIGTERM
+        rank_zero_info("Stopped by a signal: the run is incomplete; rerun the same command to resume")
+        raise SystemExit(128 + stopped_by) from None
+    finally:
+        _STOPPED_BY.clear()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -76,6 +76,7 @@ def _fit(tmp_path, world, tiny_model, steps=3):
 
 def test_fit_trains_only_the_compressor_and_saves_a_loadable_checkpoint(tmp_path, world, tiny_model):
     reference = SparseZipModule(model_path=tiny_model, compressor=COMPRESSOR_CONFIG)
+    reference.configure_model()
     frozen_before = {k: v.clone() for k, v in reference.model.state_dict().items() if not k.startswith("compressor.")}
     compressor_before = {k: v.clone() for k, v in reference.model.compressor.state_dict().items()}
 
@@ -102,7 +103,7 @@ def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, wo
     }
     # the README's recipe: the best compressor by validation, and last.ckpt from an unmonitored callback
     best = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"filename": "best", "monitor": "val/mme/perception_total", "mode": "max"}}
+            "init_args": {"filename": "best", "monitor": "val/mme/perception_total_4of10", "mode": "max"}}
     last = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
     config = _config(
         tmp_path, "fit", tiny_model, data,
@@ -115,7 +116,7 @@ def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, wo
 
     events = EventAccumulator(cli.trainer.log_dir)
     events.Reload()
-    validated = [e.value for e in events.Scalars("val/mme/perception_total")]
+    validated = [e.value for e in events.Scalars("val/mme/perception_total_4of10")]
     assert len(validated) == 3 and "val/pope/avg/f1" in events.Tags()["scalars"]
     callback = next(c for c in cli.trainer.checkpoint_callbacks if c.monitor)
     assert float(callback.best_model_score) == max(validated) and Path(callback.best_model_path).name == "best.ckpt"
@@ -123,7 +124,7 @@ def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, wo
     # the kept compressor answers the same questions, through `test`, exactly as validation scored it
     tested = main(["test", "--config", _config(tmp_path, "test", tiny_model, _eval_data(world)),
                    f"--ckpt_path={callback.best_model_path}"])
-    assert tested.trainer.callback_metrics["test/mme/perception_total"] == callback.best_model_score
+    assert tested.trainer.callback_metrics["test/mme/perception_total_4of10"] == callback.best_model_score
 
 
 def test_checkpoint_missing_compressor_weights_is_an_error(tmp_path, world, tiny_model):
@@ -250,6 +251,7 @@ def test_lightning_and_python_api_give_identical_answers(world, tiny_model):
     from sparsezip_pl.data.datamodules import MMEDataModule
 
     module = SparseZipModule(model_path=tiny_model, compressor=COMPRESSOR_CONFIG, max_new_tokens=4)
+    module.configure_model()
     module.eval()
     datamodule = MMEDataModule(world["mme_root"], batch_size=4)
     datamodule.setup("test")
@@ -299,37 +301,3 @@ def test_misspelled_config_key_fails_with_a_clear_message(tmp_path, capsys):
         main(["test", "--config", "configs/llava15_7b_hf_mme.yaml", "--config", str(bad), "--print_config"])
     assert exit_info.value.code != 0
     assert "k_maxx" in capsys.readouterr().err
-
-
-def test_without_a_logger_the_run_saves_its_config_beside_a_users_config_yaml(tmp_path, world, tiny_model, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    mine = Path(_config(tmp_path, "mine", tiny_model, _eval_data(world), trainer={"logger": False}))
-    users = tmp_path / "config.yaml"
-    users.write_text("# my notes, kept\n" + mine.read_text())
-    with pytest.warns(UserWarning, match="config saved as config-2.yaml"):
-        main(["validate", "--config", "config.yaml"])
-    assert users.read_text().startswith("# my notes, kept\n")
-    assert yaml.safe_load((tmp_path / "config-2.yaml").read_text())["model"]["model_path"] == tiny_model
-    users.unlink()
-    main(["validate", "--config", str(mine)])  # nothing in the way: Lightning's config.yaml is written
-    assert yaml.safe_load(users.read_text())["model"]["model_path"] == tiny_model
-
-
-def test_without_a_logger_test_never_writes_over_an_existing_results_json(tmp_path, world, tiny_model, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    config = _config(tmp_path, "mine", tiny_model, _eval_data(world), trainer={"logger": False})
-    users = tmp_path / "results.json"
-    users.write_text('{"my": "numbers"}')
-    with pytest.warns(UserWarning, match="results saved as .*results-2.json"):
-        main(["test", "--config", config])
-    assert json.loads(users.read_text()) == {"my": "numbers"}
-    assert json.loads((tmp_path / "results-2.json").read_text())["test/pope/num_samples"] > 0
-
-
-def test_unused_path_is_the_first_free_numbered_name(tmp_path):
-    from sparsezip_pl.lit.callbacks import unused_path
-
-    assert unused_path(tmp_path / "results.json") == tmp_path / "results.json"
-    for name in ("results.json", "results-2.json"):
-        (tmp_path / name).write_text("{}")
-    assert unused_path(tmp_path / "results.json") == tmp_path / "results-3.json"

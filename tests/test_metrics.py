@@ -25,7 +25,8 @@ MME_ROWS = [
 MME_EXPECTED = {
     "existence/acc": 75.0, "existence/acc_plus": 50.0, "existence/score": 125.0,
     "code_reasoning/acc": 50.0, "code_reasoning/acc_plus": 0.0, "code_reasoning/score": 50.0,
-    "perception_total": 125.0, "cognition_total": 50.0, "num_samples": 8.0, "incomplete_pairs": 0.0,
+    # One perception and one cognition subtask: the sums are named for what they cover.
+    "perception_total_1of10": 125.0, "cognition_total_1of4": 50.0, "num_samples": 8.0, "incomplete_pairs": 0.0,
 }
 
 
@@ -72,7 +73,7 @@ def test_mme_incomplete_pair_counts_wrong():
     result = _values(metric.compute())
     assert result["existence/acc"] == 100.0
     assert result["existence/acc_plus"] == 50.0 and result["incomplete_pairs"] == 1.0
-    assert "cognition_total" not in result
+    assert not any(key.startswith("cognition_total") for key in result)
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
@@ -106,7 +107,8 @@ POPE_EXPECTED = {
     "popular/accuracy": 50.0, "popular/precision": 0.0, "popular/recall": 0.0, "popular/f1": 0.0,
     "popular/yes_ratio": 0.0, "popular/num_samples": 2.0, "popular/precision_undefined": 1.0,
     "popular/recall_undefined": 0.0,
-    "avg/accuracy": 55.0, "avg/precision": 33.3333, "avg/recall": 33.3333, "avg/f1": 33.3333, "avg/yes_ratio": 30.0,
+    "avg_2of3/accuracy": 55.0, "avg_2of3/precision": 33.3333, "avg_2of3/recall": 33.3333, "avg_2of3/f1": 33.3333,
+    "avg_2of3/yes_ratio": 30.0,
     "num_samples": 7.0,
 }
 
@@ -131,7 +133,7 @@ def test_pope_recall_undefined_and_errors():
     result = _values(metric.compute())
     assert result["adversarial/recall"] == 0.0 and result["adversarial/recall_undefined"] == 1.0
     assert result["adversarial/precision"] == 0.0 and result["adversarial/precision_undefined"] == 0.0
-    assert result["adversarial/f1"] == 0.0 and result["avg/accuracy"] == 50.0
+    assert result["adversarial/f1"] == 0.0 and result["avg_1of3/accuracy"] == 50.0
     with pytest.raises(ValueError, match="unknown POPE split"):
         metric.update(["x"], ["hard"], ["yes"], ["yes"])
     with pytest.raises(RuntimeError, match="no samples"):
@@ -164,3 +166,18 @@ def test_real_two_process_gloo_sync():
     mp.start_processes(_ddp_worker, args=(port, results), nprocs=2, start_method="fork")
     for rank in (0, 1):
         assert results[rank] == (MME_EXPECTED, POPE_EXPECTED)
+
+
+def test_totals_over_every_subtask_and_split_carry_the_benchmarks_names():
+    from sparsezip_pl.data.mme import MME_SUBTASKS, MME_PERCEPTION
+    from sparsezip_pl.data.pope import POPE_SPLITS
+
+    mme = MMEScore()
+    rows = [(f"{s}/x.jpg#{k}", s, "yes", "yes") for s in MME_SUBTASKS for k in (0, 1)]
+    _update(mme, rows)
+    result = _values(mme.compute())
+    assert result["perception_total"] == 200.0 * len(MME_PERCEPTION) and result["cognition_total"] == 800.0
+    assert not any("of" in key.split("_")[-1] for key in result if key.endswith("total"))
+    pope = POPEScore()
+    _update(pope, [(f"{s}/1", s, "yes", "yes") for s in POPE_SPLITS])
+    assert _values(pope.compute())["avg/accuracy"] == 100.0

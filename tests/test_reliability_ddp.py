@@ -125,7 +125,7 @@ def test_fit_with_two_processes_validates_the_start(tmp_path, world, tiny_model)
     callbacks = [{"class_path": "sparsezip_pl.lit.callbacks.ValidateBeforeTraining"},
                  {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "filename": "{step}", "save_top_k": -1,
-                                "monitor": "val/mme/perception_total", "mode": "max"}}]
+                                "monitor": "val/mme/perception_total_4of10", "mode": "max"}}]
     config = _config(tmp_path / "two.yaml", tiny_model, data, 2,
                      model={"objective": "distill", "budget_target": 8.0},
                      trainer={"max_steps": 2, "val_check_interval": 1, "check_val_every_n_epoch": None,

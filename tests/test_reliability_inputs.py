@@ -34,7 +34,9 @@ def tiny_model():
 @pytest.fixture(scope="module")
 def module(tiny_model):
     config = SparseZipConfig(method="sparsezip", k_min=2, k_max=12, merging=MergingConfig(contextual_num=4))
-    return SparseZipModule(model_path=tiny_model, compressor=config, max_new_tokens=3)
+    module = SparseZipModule(model_path=tiny_model, compressor=config, max_new_tokens=3)
+    module.configure_model()
+    return module
 
 
 def test_context_length_of_the_llm():
@@ -58,6 +60,7 @@ def test_visual_budget_of_the_check_depends_on_what_runs(module):
 def test_original_positions_count_the_whole_image_against_the_context(tiny_model):
     config = SparseZipConfig(k_min=2, k_max=12, merging=MergingConfig(contextual_num=4), visual_positions="original")
     module = SparseZipModule(model_path=tiny_model, compressor=config, max_new_tokens=3, objective="lm")
+    module.configure_model()
     assert module.context_limit("generate") == ContextLimit(4096, module.backend.num_patches, 3)
 
 
@@ -127,3 +130,68 @@ def test_evaluation_with_a_too_long_prompt(tmp_path, tiny_model):
     assert cli.datamodule.skipped == {"prompt_too_long": 1}
     answered = (tmp_path / "skip" / "predictions" / "predictions.jsonl").read_text()
     assert len(answered.splitlines()) == 4 and "random/99" not in answered
+
+
+# ------------------------------------------------------------ checked before any weight loads
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if model weights load (every check here must come first)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("model weights loaded before the inputs were checked")
+
+    monkeypatch.setattr("sparsezip_pl.models.load_backend", refuse)
+
+
+@pytest.mark.parametrize(("compressor", "field"), [
+    ({"method": "visionzip", "dominant": 600}, r"compressor.dominant = 600 keeps 599 patches, more than the 64"),
+    ({"method": "sparsezip", "k_max": 65}, r"compressor.k_max = 65 keeps 65 patches"),
+    ({"method": "visionzip", "dominant": 60, "merging": {"contextual_num": 10}}, r"budget of 70 visual tokens"),
+])
+def test_a_budget_larger_than_the_tower_is_a_configuration_error(tiny_model, no_weights, compressor, field):
+    merging = MergingConfig(**compressor.pop("merging", {}))
+    with pytest.raises(ValueError, match=field):
+        SparseZipModule(model_path=tiny_model, compressor=SparseZipConfig(merging=merging, **compressor))
+
+
+def test_a_budget_larger_than_the_tower_is_refused_by_the_api_too(tiny_model):
+    from transformers import LlavaForConditionalGeneration
+
+    from sparsezip_pl.api import sparsezip
+
+    stock = LlavaForConditionalGeneration.from_pretrained(tiny_model)
+    with pytest.raises(ValueError, match="more than the 64"):
+        sparsezip(stock, method="visionzip", dominant=100, contextual=4)
+
+
+def _checked_config(tmp_path, tiny_model, data: dict) -> str:
+    config = {"model": {"backend": "hf", "model_path": tiny_model, "compressor": COMPRESSOR},
+              "trainer": {"accelerator": "cpu", "logger": False, "default_root_dir": str(tmp_path / "run")},
+              "data": data}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_a_data_path_typo_fails_before_the_weights_load(tmp_path, tiny_model, no_weights):
+    folder, images = write_pope_files(tmp_path)
+    data = {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+            "init_args": {"source": str(folder) + "-typo", "image_dir": str(images)}}
+    with pytest.raises(ValueError, match="pope-typo: not a POPE source"):
+        main(["test", "--config", _checked_config(tmp_path, tiny_model, data)])
+
+
+def test_an_unreadable_first_image_fails_before_the_weights_load(tmp_path, tiny_model, no_weights):
+    folder, images = write_pope_files(tmp_path)
+    first = json.loads((folder / "coco_pope_random.json").read_text().splitlines()[0])["image"]
+    (images / first).write_bytes(b"not an image")
+    data = {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+            "init_args": {"source": str(folder), "image_dir": str(images), "splits": ["random"]}}
+    with pytest.raises(ValueError, match=f"sample random/1: image .*{first}: cannot decode"):
+        main(["test", "--config", _checked_config(tmp_path, tiny_model, data)])
+
+
+def test_a_sample_of_an_unknown_benchmark_is_an_error(module):
+    samples = synthetic_samples(2, task="vqa")
+    with pytest.raises(ValueError, match="sample task 'vqa' is not a known benchmark; known: \\['mme', 'pope'\\]"):
+        module._answer(module.collate_fn("generate")(samples))

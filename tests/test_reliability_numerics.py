@@ -43,6 +43,7 @@ def test_half_precision_model_trains_and_answers(dtype, method, uniform):
     config = SparseZipConfig(method=method, k_min=2, k_max=12, dominant=8, merging=MergingConfig(contextual_num=4))
     module = SparseZipModule(model_path=str(cached_tiny_llava("hf", image_size=112)), dtype=dtype, compressor=config,
                              objective="mix", budget_target=8.0, max_new_tokens=3)
+    module.configure_model()
     assert module.backend.dtype == getattr(torch, dtype)
     if uniform:
         _uniform_attention(module)

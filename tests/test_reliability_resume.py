@@ -16,6 +16,7 @@ from sparsezip_pl.cli import main
 from sparsezip_pl.data.loader import EpochSeededRandomSampler, SkipAwareCollate, SkipCountingDataLoader
 from sparsezip_pl.data.synthetic import generate_world
 from sparsezip_pl.lit.module import SparseZipModule
+from sparsezip_pl.lit.run_folder import RunFolderError
 from sparsezip_pl.models.tiny import cached_tiny_llava
 
 COMPRESSOR = {"method": "sparsezip", "k_min": 2, "k_max": 12, "merging": {"contextual_num": 4}}
@@ -249,7 +250,7 @@ def test_resuming_into_predictions_of_other_settings_is_refused(tmp_path, world,
     folder = tmp_path / "preds"
     main(["test", "--config", _test_config(tmp_path, world, tiny_model, "a", folder)])
     other = _test_config(tmp_path, world, tiny_model, "b", folder)
-    with pytest.raises(ValueError, match=r"other settings \(differing: \['max_new_tokens'\]\)"):
+    with pytest.raises(RunFolderError, match=r"model.max_new_tokens: earlier 3, now 5"):
         main(["test", "--config", other, "--model.max_new_tokens", "5"])
-    with pytest.raises(ValueError, match="resume is false"):
+    with pytest.raises(RunFolderError, match="resume is false"):
         main(["test", "--config", other, "--predictions.resume", "false"])

@@ -16,6 +16,7 @@ from .config import (
     CompressionOutput,
     SparseZipConfig,
     VisionCapture,
+    check_budget,
 )
 from .merge import anchor_plan, hierarchical_plan
 from .output import assemble_output
@@ -66,6 +67,8 @@ class SparseZipCompressor(nn.Module):
     ):
         super().__init__()
         _validate_config(config, num_heads, head_dim, text_dim)
+        if num_patches is not None:
+            check_budget(config, num_patches)
         self.config = config
         self.num_heads = num_heads
         self.head_dim = head_dim

@@ -170,3 +170,29 @@ class CompressionOutput:
     def num_tokens(self) -> torch.Tensor:
         """[B] long, real visual tokens per image."""
         return self.mask.sum(dim=1)
+
+
+def check_budget(config: SparseZipConfig, num_patches: int) -> None:
+    """Refuse a budget larger than the tower's patch grid (``num_patches`` = N).
+
+    Without this, a kept-patch count above N would be clamped and the method would silently run
+    on (nearly) every patch. Raises ValueError naming the field, its value and N.
+    """
+    if config.method == "none":
+        return
+    if config.method == "sparsezip" and config.dynamic_k:
+        kept = {"k_min": config.k_min, "k_max": config.k_max}
+    else:  # ``dominant`` counts CLS
+        kept = {"dominant": config.dominant - 1}
+    for name, patches in kept.items():
+        if patches > num_patches:
+            raise ValueError(
+                f"compressor.{name} = {getattr(config, name)} keeps {patches} patches, more than the "
+                f"{num_patches} the vision tower produces per image; choose a budget below {num_patches}"
+            )
+    if "dominant" in kept and config.dominant + config.merging.contextual_num > num_patches:
+        raise ValueError(
+            f"compressor budget of {config.dominant + config.merging.contextual_num} visual tokens (dominant = "
+            f"{config.dominant} + merging.contextual_num = {config.merging.contextual_num}) is more than the "
+            f"{num_patches} patches the vision tower produces per image: nothing would be compressed"
+        )

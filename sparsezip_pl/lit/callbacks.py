@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -21,9 +20,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sparsezip_pl.data.mme import write_mme_export
+from sparsezip_pl.lit.run_folder import RunFolder, RunFolderError
 
 STAGES = ("train", "validate", "test", "predict")
 
@@ -41,18 +41,6 @@ def _run_dir(trainer: L.Trainer) -> Path:
     Collective under DDP (``trainer.log_dir`` broadcasts): every process must call it.
     """
     return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def unused_path(path: Path) -> Path:
-    """``path`` if nothing is there yet, else the first free ``STEM-N.SUFFIX`` beside it (N = 2, 3, ...).
-
-    How a run without a logger folder writes into ``default_root_dir`` (by default the working
-    directory) without replacing a file already there, which may be someone's own.
-    """
-    if not path.exists():
-        return path
-    numbered = (path.with_name(f"{path.stem}-{n}{path.suffix}") for n in itertools.count(2))
-    return next(free for free in numbered if not free.exists())
 
 
 def _all_gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
@@ -272,45 +260,212 @@ class KeptTokensPictures(L.Callback):
             self._log(trainer, outputs, batch, "kept_tokens/predict")
 
 
+def checkpoint_identity(path: str | None) -> dict[str, Any] | None:
+    """Which checkpoint a run evaluates: its absolute path and the sha256 of its bytes."""
+    if not path:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": os.path.abspath(path), "sha256": digest.hexdigest()}
+
+
+def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
+    """What a run computes: the model and method (``pl_module.identity()``, which needs no weights),
+    the data (``datamodule.identity()``) and, when evaluating, the checkpoint. Two runs with the
+    same identity give the same answers, so one may continue the other."""
+    identity: dict[str, Any] = {"model": pl_module.identity() if hasattr(pl_module, "identity") else {}}
+    datamodule = trainer.datamodule
+    if datamodule is not None and hasattr(datamodule, "identity"):
+        identity["data"] = datamodule.identity()
+    if stage != "fit":
+        identity["checkpoint"] = checkpoint_identity(trainer.ckpt_path)
+    return json.loads(json.dumps(identity, sort_keys=True, default=to_jsonable))
+
+
+def enter_run_folder(trainer: L.Trainer, folder: RunFolder, identity: dict[str, Any], restart: bool,
+                     stage: str) -> str:
+    """Check, lock and claim ``folder`` for this run (process 0 does; the others learn its verdict).
+    Collective under DDP. Raises :class:`RunFolderError` on every process when the run may not
+    write there; nothing is written then."""
+    outcome: tuple[str, str | None] = ("", None)
+    if trainer.is_global_zero:
+        try:
+            folder.check(identity, restart)  # read only: a refusal writes nothing, not even the lock
+            folder.lock()
+            verdict = folder.check(identity, restart)  # again, under the lock
+            folder.claim(identity, verdict, stage)
+            outcome = (verdict, None)
+        except RunFolderError as error:
+            folder.unlock()
+            outcome = ("", str(error))
+    outcome = trainer.strategy.broadcast(outcome)
+    if outcome[1] is not None:
+        raise RunFolderError(outcome[1])
+    return outcome[0]
+
+
+class RunRecord(L.Callback):
+    """Claims the run's folder (the logger's version folder, or ``default_root_dir`` without a
+    logger) before anything is written there, and keeps its record up to date.
+
+    The record (``sparsezip_run.json``, see :mod:`sparsezip_pl.lit.run_folder`) says what the run
+    computes, whether it finished or was interrupted, which files the project wrote and which
+    samples were skipped (by reason, with the first file or line of each). A run into a folder that
+    is not the project's, or that holds a run of something else, stops with an error naming the
+    folder or each difference, before any model weight loads. A stage that answered or trained on
+    no sample at all is an error with the skip counts, never an empty result.
+
+    Args:
+        restart: start a folder that holds another run afresh (its project files are deleted,
+            nothing else) instead of refusing.
+    """
+
+    def __init__(self, restart: bool = False) -> None:
+        self.restart = restart
+        self.folder: RunFolder | None = None
+        self._samples: dict[str, int] = {}
+        self._verdict = ""
+        self._started = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.folder = RunFolder(_run_dir(trainer), "run folder", "--run.restart")  # _run_dir is collective
+        self._verdict = enter_run_folder(trainer, self.folder, run_identity(trainer, pl_module, stage),
+                                         self.restart, stage)
+        self._started = False
+        if trainer.is_global_zero:
+            self.folder.own_files(["config.yaml"])
+
+    # -- a stage has started once its loop does (set-up is over)
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._started = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._started = True
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._started = True
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._started = True
+
+    # -- counting what each loop used
+    def _count(self, loop: str, outputs: Any, batch: Any) -> None:
+        if isinstance(outputs, dict) and outputs.get("records") is not None:
+            used = len(outputs["records"])
+        else:
+            used = len(batch["input_ids"]) if isinstance(batch, dict) and "input_ids" in batch else 0
+        self._samples[loop] = self._samples.get(loop, 0) + used
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count("train", None, batch)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("val", outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("test", outputs, batch)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("predict", outputs, batch)
+
+    def _end_of_loop(self, trainer: L.Trainer, loop: str, what: str) -> None:
+        """Every loop must have used a sample: zero (all skipped, say) is an error with the counts."""
+        used = sum(_all_gather_objects(trainer, self._samples.pop(loop, 0)))
+        if used == 0:
+            report = skip_report(trainer)
+            counts = ", ".join(f"{reason}: {item['count']} (first: {item['first']})" for reason, item in report.items())
+            raise NoUsableSamplesError(f"{what}: no usable sample; {counts or 'the data set yielded no batch'}")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._end_of_loop(trainer, "train", "fit (training data)")
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self._samples.pop("val", None)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._end_of_loop(trainer, "val", "validation")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._end_of_loop(trainer, "test", "test")
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._end_of_loop(trainer, "predict", "predict")
+
+    # -- status
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._close(trainer, "finished", skip_report(trainer))  # collective: every process reports
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        folder = self.folder
+        if folder is not None and self._verdict == "new" and not self._started and trainer.is_global_zero:
+            # Refused during set-up (another callback's check, say): this run wrote nothing but its
+            # claim, which would otherwise keep the next run out of a folder holding no result.
+            self.folder = None
+            folder.unlock()
+            folder.release_claim()
+            return
+        stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        # No collective here: the other processes may not reach this point.
+        self._close(trainer, "interrupted" if stopped else "failed", skip_report(trainer, gather=False))
+
+    def _close(self, trainer: L.Trainer, status: str, skipped: dict[str, Any]) -> None:
+        folder, self.folder = self.folder, None
+        if folder is None or not trainer.is_global_zero or folder._lock_handle is None:
+            return
+        folder.update(status=status, skipped=skipped)
+        folder.unlock()
+
+
+class NoUsableSamplesError(RuntimeError):
+    """Every sample of a stage was skipped (or its data set yielded nothing)."""
+
+
 class PredictionWriter(L.Callback):
     """Writes every answered sample of ``test`` and ``predict`` to disk as it goes.
 
     Each process appends one JSON line per sample to ``predictions.rank{R}.jsonl`` and flushes
     after every batch, so a killed run loses at most the batch in flight. At the end of the
-    epoch, the first process merges the rank files into ``predictions.jsonl`` (each sample once,
-    whatever a distributed sampler padded) and writes the benchmarks' official files:
-    ``mme/SUBTASK.txt`` (``image<TAB>question<TAB>ground truth<TAB>prediction``, the layout of
-    MME's calculation script) and ``pope/SPLIT_answers.jsonl`` (``question_id``, ``prompt``,
-    ``text``, the answers file of LLaVA's POPE evaluation).
+    epoch, the first process merges the rank files into ``predictions.jsonl`` and writes the
+    benchmarks' official files: ``mme/SUBTASK.txt`` (``image<TAB>question<TAB>ground
+    truth<TAB>prediction``, what MME's calculation script reads) and ``pope/SPLIT_answers.jsonl``
+    (``question_id``, ``prompt``, ``text``: the answers file of LLaVA's POPE evaluation). Every file
+    keeps the order of its source file (LLaVA's ``eval_pope.py`` pairs the i-th answer with the
+    i-th question), whatever order the processes answered in, and holds only the samples of this
+    run's data.
 
-    With ``resume`` (the default), records already in ``output_dir`` are handed to the module,
-    which answers only the samples not yet there; point ``output_dir`` at a fixed folder to
-    resume an interrupted run. The rank files are the source of truth and are only ever appended
-    to; a line torn by a kill is ignored (that sample is answered again) and closed with a newline
-    before appending. ``predictions.jsonl`` and the official files are derived from them at the
-    end of each run and replaced atomically (written aside, then renamed), so a kill during that
-    step leaves the previous version and the next run writes them again.
-
-    ``run.json`` in the folder records what determines the answers (model, dtype, compressor
-    settings and weights, decoding length); resuming into a folder written with other settings is
-    an error rather than a silent mix of two methods' answers.
+    The folder is a run folder (:mod:`sparsezip_pl.lit.run_folder`): a folder with files of
+    someone else's is refused before anything is written, and a folder holding the answers of
+    another run (other model, checkpoint, method settings, prompt settings or data) is refused
+    with the list of differences, unless ``restart``. With ``resume`` (the default) a folder with
+    this run's identity continues: answered samples are read back, not recomputed. The rank files
+    are the source of truth and only appended to; a line torn by a kill is ignored (that sample is
+    answered again). The merged and official files are derived from them and replaced atomically.
 
     Args:
         output_dir: folder of the prediction files; default: ``predictions/`` in the run's log
             folder (a new folder per run, so give a fixed folder to be able to resume).
         resume: reuse the answers already in ``output_dir``; False refuses a folder that holds any.
+        restart: start a folder holding another run's answers afresh (deleting only the files
+            this project wrote there) instead of refusing.
     """
 
-    def __init__(self, output_dir: str | None = None, resume: bool = True) -> None:
+    def __init__(self, output_dir: str | None = None, resume: bool = True, restart: bool = False) -> None:
         self.output_dir = output_dir
         self.resume = resume
+        self.restart = restart
         self._file = None
-        self._folder: Path | None = None
+        self._folder: RunFolder | None = None
+        self._sample_ids: set[str] | None = None
 
     def folder(self, trainer: L.Trainer) -> Path:
+        """The predictions folder (collective under DDP the first time: it may ask for the log dir)."""
         if self._folder is None:
-            self._folder = Path(self.output_dir) if self.output_dir else _run_dir(trainer) / "predictions"
-        return self._folder
+            path = Path(self.output_dir) if self.output_dir else _run_dir(trainer) / "predictions"
+            self._folder = RunFolder(path, "predictions folder", "--predictions.restart")
+        return self._folder.path
 
     @staticmethod
     def read_records(folder: Path) -> dict[str, dict[str, Any]]:
@@ -328,69 +483,42 @@ class PredictionWriter(L.Callback):
         return records
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage in ("test", "predict"):
-            self.folder(trainer)  # collective under DDP: resolve it on every process now
+        if stage not in ("test", "predict"):
+            return
+        folder = self.folder(trainer)
+        verdict = enter_run_folder(trainer, self._folder, run_identity(trainer, pl_module, stage), self.restart, stage)
+        if verdict == "continue" and not self.resume and any(folder.glob("predictions.rank*.jsonl")):
+            self._release(trainer, "failed")
+            raise RunFolderError(f"{folder} already holds predictions and predictions.resume is false; "
+                                 "use another predictions.output_dir, or --predictions.restart=true")
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "dataset", None)
+        self._sample_ids = _sample_ids(dataset)
 
     def _open(self, trainer, pl_module) -> None:
-        """Check the folder's settings, hand the module the finished records, open this rank's
-        file. Runs when the loop starts, after Lightning has loaded any ``ckpt_path``."""
+        """Hand the module the finished records and open this rank's file. Runs when the loop
+        starts, after Lightning has loaded any ``ckpt_path``."""
         folder = self.folder(trainer)
-        folder.mkdir(parents=True, exist_ok=True)
-        self._check_settings(trainer, pl_module, folder)
         if self.resume:
             done = self.read_records(folder)
+            if self._sample_ids is not None:
+                done = {k: v for k, v in done.items() if k in self._sample_ids}
             pl_module.completed_records = done
             if done and trainer.is_global_zero:
                 pl_module.print(f"PredictionWriter: resuming, {len(done)} samples already answered in {folder}")
-        path = folder / f"predictions.rank{trainer.global_rank}.jsonl"
+        name = f"predictions.rank{trainer.global_rank}.jsonl"
+        path = folder / name
         _end_torn_line(path)
         self._file = open(path, "a", encoding="utf-8")
+        names = _all_gather_objects(trainer, name)
+        if trainer.is_global_zero:
+            self._folder.own_files(names)
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._open(trainer, pl_module)
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._open(trainer, pl_module)
-
-    @staticmethod
-    def settings(pl_module) -> dict[str, Any]:
-        """What decides the answers: the module's evaluation hyper-parameters and a digest of the
-        compressor's weights (as loaded from any checkpoint)."""
-        training_only = {"objective", "distill_weight", "distill_temperature", "budget_target", "budget_weight"}
-        hparams = {k: v for k, v in dict(getattr(pl_module, "hparams", {})).items()
-                   if k not in training_only and not k.startswith("_")}
-        model = getattr(pl_module, "model", None)
-        compressor = getattr(model, "compressor", None)
-        if compressor is not None:
-            digest = hashlib.sha256()
-            for name, tensor in sorted(compressor.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-            hparams["compressor_weights_sha256"] = digest.hexdigest()
-        return json.loads(json.dumps(hparams, sort_keys=True, default=to_jsonable))
-
-    def _check_settings(self, trainer, pl_module, folder: Path) -> None:
-        """Refuse to add answers to a folder holding answers of other settings (every process
-        reaches the same verdict: they read the same files before rank 0 writes ``run.json``)."""
-        current = self.settings(pl_module)
-        path = folder / "run.json"
-        has_predictions = any(folder.glob("predictions.rank*.jsonl"))
-        advice = "Use another predictions.output_dir or delete the folder."
-        if has_predictions and not self.resume:
-            raise ValueError(f"{folder} already holds predictions and predictions.resume is false. {advice}")
-        if path.exists():
-            previous = json.loads(path.read_text(encoding="utf-8"))
-            if previous != current:
-                changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-                raise ValueError(
-                    f"{folder} holds predictions made with other settings (differing: {changed}); resuming "
-                    f"there would mix two configurations' answers. {advice}"
-                )
-        elif has_predictions:
-            raise ValueError(f"{folder} holds predictions but no run.json saying how they were made. {advice}")
-        trainer.strategy.barrier()
-        if trainer.is_global_zero and not path.exists():
-            _atomic_write(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
 
     def _write(self, outputs) -> None:
         if self._file is None or not isinstance(outputs, dict):
@@ -413,7 +541,16 @@ class PredictionWriter(L.Callback):
         self._file = None
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            write_official_files(self.folder(trainer), self.read_records(self.folder(trainer)))
+            folder = self.folder(trainer)
+            records = self.read_records(folder)
+            if self._sample_ids is not None:
+                records = {k: v for k, v in records.items() if k in self._sample_ids}
+            record = self._folder.read_record() or {}
+            written = write_official_files(folder, records)
+            stale = set(record.get("files", [])) - set(written) - {p.name for p in folder.glob("predictions.rank*.jsonl")}
+            for name in stale:
+                (folder / name).unlink(missing_ok=True)
+            self._folder.update(files=sorted((set(record.get("files", [])) - stale) | set(written)))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer)
@@ -421,10 +558,30 @@ class PredictionWriter(L.Callback):
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         self._finish(trainer)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def _release(self, trainer, status: str) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        folder = self._folder
+        if folder is not None and trainer.is_global_zero and folder._lock_handle is not None:
+            folder.update(status=status)
+            folder.unlock()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._release(trainer, "finished")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._release(trainer, "interrupted" if isinstance(exception, (KeyboardInterrupt, SIGTERMException)) else "failed")
+
+
+def _sample_ids(dataset: Any) -> set[str] | None:
+    """The sample ids of a (concatenation of) record data set(s), read from the stored records."""
+    if dataset is None:
+        return None
+    parts = getattr(dataset, "datasets", [dataset])
+    if not all(hasattr(part, "records") for part in parts):
+        return None
+    return {record["sample_id"] for part in parts for record in part.records}
 
 
 def to_jsonable(value: Any) -> Any:
@@ -451,17 +608,26 @@ def _end_torn_line(path: Path) -> None:
             handle.write(b"\n")
 
 
-def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> None:
-    """Merged predictions plus MME's and POPE's official answer files, written atomically."""
+def _source_order(record: dict[str, Any]) -> tuple:
+    """Where a record's sample stands in its benchmark's source files."""
+    order = record.get("order")
+    return (record.get("task", ""), order if order is not None else float("inf"), record["sample_id"])
 
-    def write(path: Path, lines: list[str]) -> None:
-        _atomic_write(path, "".join(lines))
 
-    ordered = sorted(records.values(), key=lambda r: r["sample_id"])
-    write(folder / "predictions.jsonl", [json.dumps(r, ensure_ascii=False) + "\n" for r in ordered])
+def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> list[str]:
+    """Merged predictions plus MME's and POPE's official answer files, in source order, written
+    atomically. Returns the files written (relative to ``folder``)."""
+    written: list[str] = []
+
+    def write(name: str, lines: list[str]) -> None:
+        _atomic_write(folder / name, "".join(lines))
+        written.append(name)
+
+    ordered = sorted(records.values(), key=_source_order)
+    write("predictions.jsonl", [json.dumps(r, ensure_ascii=False) + "\n" for r in ordered])
     mme = [r for r in ordered if r["task"] == "mme"]
-    if mme:
-        write_mme_export(folder / "mme", mme)
+    for path in write_mme_export(folder / "mme", mme) if mme else []:
+        written.append(str(path.relative_to(folder)))
     pope: dict[str, list[str]] = defaultdict(list)
     for r in ordered:
         if r["task"] == "pope":
@@ -473,51 +639,61 @@ def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> No
             }
             pope[r["category"]].append(json.dumps(line, ensure_ascii=False) + "\n")
     for split, lines in pope.items():
-        write(folder / "pope" / f"{split}_answers.jsonl", lines)
+        write(f"pope/{split}_answers.jsonl", lines)
+    return written
+
+
+def skip_report(trainer: L.Trainer, gather: bool = True) -> dict[str, dict[str, Any]]:
+    """Skip reason -> ``{"count", "first"}`` over all processes (collective under DDP unless
+    ``gather`` is False, then this process's alone): each skipped item counted once, with the
+    message of the first (which file, line or sample)."""
+    ledger = getattr(trainer.datamodule, "skip_ledger", None) if trainer.datamodule is not None else None
+    part = (ledger.keys, ledger.first_messages) if ledger is not None else ({}, {})
+    merged: dict[str, set[str]] = defaultdict(set)
+    first: dict[str, str] = {}
+    for keys, messages in _all_gather_objects(trainer, part) if gather else [part]:
+        for reason, items in keys.items():
+            merged[reason] |= items
+        for reason, message in messages.items():
+            first.setdefault(reason, message)
+    return {reason: {"count": len(items), "first": first.get(reason, "")} for reason, items in sorted(merged.items())}
 
 
 class ResultsTable(L.Callback):
-    """At the end of ``test``, prints the benchmark figures and saves them as ``results.json``
-    and a TensorBoard text table, alongside the token budget and the skipped samples
-    (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy ones).
+    """At the end of ``validate``, ``test`` and ``predict``, prints the figures and saves them as
+    ``results.json`` in the run folder and as a TensorBoard text table: the benchmark metrics, the
+    token budget and the skipped samples (``skipped/REASON``, ``skipped/total``: set-up skips plus
+    every process's lazy ones). A POPE average or MME total over fewer splits or subtasks than the
+    benchmark has is named for what it covers (``avg_2of3``, ``perception_total_4of10``)."""
 
-    Without a logger the file goes to ``default_root_dir``; an existing ``results.json`` there is
-    left alone and the figures go to the first free ``results-N.json`` (:func:`unused_path`),
-    with a warning that names it.
-    """
-
-    def on_test_end(self, trainer, pl_module) -> None:
+    def _report(self, trainer, pl_module, stage: str) -> None:
         folder = _run_dir(trainer)  # collective: before the rank check
-        skipped = _skipped_counts(trainer)
+        skipped = skip_report(trainer)
         if not trainer.is_global_zero:
             return
-        results = dict(getattr(pl_module, "eval_results", {}))
+        results = dict(getattr(pl_module, "eval_results", {})) if stage != "predict" else {}
         results.update({f"budget/{k}": v for k, v in getattr(pl_module, "budget_stats", {}).items()})
         if skipped:
-            results.update({f"skipped/{k}": float(v) for k, v in skipped.items()})
-            results["skipped/total"] = float(sum(skipped.values()))
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "results.json"
-        if not trainer.loggers and (free := unused_path(path)) != path:
-            rank_zero_warn(f"{path} exists and the run has no logger folder: results saved as {free} instead")
-            path = free
-        path.write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
+            results.update({f"skipped/{k}": float(v["count"]) for k, v in skipped.items()})
+            results["skipped/total"] = float(sum(v["count"] for v in skipped.values()))
+        name = "results.json" if stage == "test" else f"results-{stage}.json"
+        _atomic_write(folder / name, json.dumps(results, indent=2, sort_keys=True))
+        RunFolder(folder).own_files([name])
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in sorted(results.items()))
         pl_module.print(table)
         writer = _tensorboard(trainer)
         if writer is not None:
-            writer.add_text("results", table, trainer.global_step)
+            writer.add_text(f"results/{stage}", table, trainer.global_step)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._report(trainer, pl_module, "validate")
 
-def _skipped_counts(trainer: L.Trainer) -> dict[str, int]:
-    """Skip reason -> distinct skipped items over all processes (collective under DDP)."""
-    ledger = getattr(trainer.datamodule, "skip_ledger", None) if trainer.datamodule is not None else None
-    keys = ledger.keys if ledger is not None else {}
-    merged: dict[str, set[str]] = defaultdict(set)
-    for part in _all_gather_objects(trainer, keys):
-        for reason, items in part.items():
-            merged[reason] |= items
-    return {reason: len(items) for reason, items in sorted(merged.items())}
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "predict")
 
 
 class ValidateBeforeTraining(L.Callback):

@@ -34,6 +34,12 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+def partial_name(name: str, present: int, total: int) -> str:
+    """``name`` for an aggregate over all ``total`` parts of a benchmark, ``name_{present}of{total}``
+    over fewer: a partial total or average never carries the full benchmark's name."""
+    return name if present == total else f"{name}_{present}of{total}"
+
+
 def _ground_truth(values: Sequence[str]) -> list[int]:
     out = []
     for value in values:
@@ -119,9 +125,11 @@ class MMEScore(_DedupMetric):
     """MME scores: per subtask acc, acc+ and score = acc + acc+; perception / cognition totals.
 
     ``compute()`` returns floats (as 0-dim tensors) under these keys, for the subtasks seen:
-    ``SUBTASK/acc``, ``SUBTASK/acc_plus``, ``SUBTASK/score``; ``perception_total`` (sum of the
-    perception subtask scores present, 0..2000) and ``cognition_total`` (0..800) when any of theirs
-    is present; ``num_samples`` (after de-duplication) and ``incomplete_pairs``. A pair counts for
+    ``SUBTASK/acc``, ``SUBTASK/acc_plus``, ``SUBTASK/score``; ``perception_total`` (sum of the 10
+    perception subtask scores, 0..2000) and ``cognition_total`` (the 4 cognition ones, 0..800)
+    when all of theirs were seen; a sum over fewer is named for what it covers, e.g.
+    ``perception_total_4of10``, never like the benchmark's total; ``num_samples`` (after
+    de-duplication) and ``incomplete_pairs``. A pair counts for
     acc+ only when both of its questions were seen and answered correctly (as in MME's own script),
     so a pair cut in half by ``limit_test_batches`` or a skip counts as wrong and is reported in
     ``incomplete_pairs``.
@@ -191,9 +199,9 @@ class MMEScore(_DedupMetric):
             for names, scores in totals.values():
                 if subtask in names:
                     scores.append(acc + acc_plus)
-        for key, (_, scores) in totals.items():
+        for key, (names, scores) in totals.items():
             if scores:
-                out[key] = torch.stack(scores).sum()
+                out[partial_name(key, len(scores), len(names))] = torch.stack(scores).sum()
         out["num_samples"] = torch.tensor(float(correct.numel()), dtype=torch.float64)
         out["incomplete_pairs"] = torch.tensor(float(incomplete), dtype=torch.float64)
         return {k: v.float() for k, v in out.items()}
@@ -205,7 +213,7 @@ class POPEScore(_DedupMetric):
     ``compute()`` keys: ``SPLIT/accuracy``, ``SPLIT/precision``, ``SPLIT/recall``, ``SPLIT/f1``,
     ``SPLIT/yes_ratio``, ``SPLIT/num_samples``, ``SPLIT/precision_undefined``,
     ``SPLIT/recall_undefined`` for each split seen; ``avg/accuracy`` ... ``avg/yes_ratio`` (plain
-    mean over those splits); ``num_samples``. Percentages. When the model never says yes,
+    mean over the three splits; a mean over fewer is named ``avg_2of3/...``); ``num_samples``. Percentages. When the model never says yes,
     precision is 0/0: it is reported as 0 with ``precision_undefined = 1`` (likewise recall with no
     positive ground truth); F1 is 0 when precision + recall is 0. Never NaN.
     """
@@ -273,7 +281,8 @@ class POPEScore(_DedupMetric):
             out[f"{split}/num_samples"] = torch.tensor(float(n))
             out[f"{split}/precision_undefined"] = torch.tensor(float(tp + fp == 0))
             out[f"{split}/recall_undefined"] = torch.tensor(float(tp + fn == 0))
+        average = partial_name("avg", len(per_split), len(POPE_SPLITS))
         for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-            out[f"avg/{name}"] = torch.tensor(sum(v[name] for v in per_split) / len(per_split))
+            out[f"{average}/{name}"] = torch.tensor(sum(v[name] for v in per_split) / len(per_split))
         out["num_samples"] = torch.tensor(float(cols["target"].numel()))
         return {k: v.float().to(self.device) for k, v in out.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import warnings
 from collections.abc import Callable, Iterable
@@ -9,12 +11,14 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 
 from sparsezip_pl.compress import SparseZipConfig
+from sparsezip_pl.compress.config import check_budget
 from sparsezip_pl.data.answers import parse_mme_answer, parse_pope_answer
-from sparsezip_pl.data.common import SkippedSample
+from sparsezip_pl.data.common import ANSWER_SUFFIX, SkippedSample
 from sparsezip_pl.data.loader import CollatedBatch
 from sparsezip_pl.lit.metrics import MMEScore, POPEScore
 from sparsezip_pl.models.batching import ContextLimit, llm_context_length
@@ -27,6 +31,17 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 
 def _default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+
+
+ANSWER_PARSERS: dict[str, Callable[[str], str]] = {"mme": parse_mme_answer, "pope": parse_pope_answer}
+
+
+def answer_parser(task: str) -> Callable[[str], str]:
+    """The answer parser of a benchmark; an unknown ``task`` is an error, never another benchmark's rule."""
+    try:
+        return ANSWER_PARSERS[task]
+    except KeyError:
+        raise ValueError(f"sample task {task!r} is not a known benchmark; known: {sorted(ANSWER_PARSERS)}") from None
 
 
 def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -71,11 +86,20 @@ class SkippingCollate:
 class SparseZipModule(L.LightningModule):
     """Tunes a SparseZip compressor inside a frozen LLaVA and evaluates it on MME and POPE.
 
+    The LLaVA weights load in :meth:`configure_model`, which Lightning calls after the data module
+    and the callbacks are set up: a wrong data path, a run folder that is not the project's or a
+    budget the tower cannot hold fails in seconds, before minutes of loading a 7B model. (Outside
+    a Trainer, call ``configure_model()`` yourself.)
+
     Args:
         backend: model family, ``hf`` (transformers' llava-hf models) or ``llava`` (the original
             LLaVA code, PyPI ``llava-torch``).
         model_path: hub id or local folder of the LLaVA checkpoint.
-        dtype: dtype of the frozen LLaVA weights (``float32``, ``bfloat16``, ``float16``).
+        dtype: dtype of the frozen LLaVA weights. ``auto`` (the default) loads what the family's
+            stock loader gives on a GPU: float16 for the original code (``load_pretrained_model``
+            knows no other), the checkpoint's own dtype for llava-hf (float16 for the published
+            ones); on a CPU it loads float32. ``float32``, ``bfloat16`` and ``float16`` load that
+            dtype the stock way (``from_pretrained(dtype=...)``, float32 buffers kept).
         compressor: the compression method and its settings.
         objective: ``lm`` (cross-entropy on answer tokens), ``distill`` (KL from the same
             frozen model fed all visual tokens, on answer positions; needs no labels beyond the
@@ -93,7 +117,7 @@ class SparseZipModule(L.LightningModule):
         self,
         backend: Literal["hf", "llava"] = "hf",
         model_path: str = "checkpoints/tiny-llava-synth",
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         compressor: SparseZipConfig = SparseZipConfig(),  # noqa: B008 (a frozen default, never mutated)
         objective: Objective = "distill",
         distill_weight: float = 0.5,
@@ -104,7 +128,7 @@ class SparseZipModule(L.LightningModule):
         optimizer: OptimizerFactory = _default_optimizer,
     ) -> None:
         super().__init__()
-        from sparsezip_pl.models import CompressedLlava, load_backend
+        from sparsezip_pl.models.backend import vision_patch_count
 
         self.save_hyperparameters(ignore=["optimizer"])
         self.compressor_config = compressor
@@ -114,19 +138,50 @@ class SparseZipModule(L.LightningModule):
             raise ValueError(f"budget_target must be positive, got {budget_target}")
         self.objective = objective
         self.optimizer_factory = optimizer
-        self.backend = load_backend(backend, model_path, dtype=dtype)
-        self.model = CompressedLlava(self.backend, self.compressor_config)
+        # The model's config alone (no weights): a budget the tower cannot hold fails now.
+        check_budget(compressor, vision_patch_count(backend, model_path))
+        self.backend = None
+        self.model = None
         self.mme = MMEScore()
         self.pope = POPEScore()
         # Records answered by an earlier, interrupted run (filled by ``PredictionWriter``).
         self.completed_records: dict[str, dict[str, Any]] = {}
         self._rng_states_to_restore: dict[str, Any] | None = None
+        self._configured_optimizer: dict[str, Any] | None = None
+
+    def configure_model(self) -> None:
+        """Load the frozen LLaVA and build the compressor (once), on the trainer's device, and
+        hand the data module the backend's collate functions."""
+        from sparsezip_pl.models import CompressedLlava, load_backend
+
+        if self.model is None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            hparams = self.hparams
+            self.backend = load_backend(hparams.backend, hparams.model_path, dtype=hparams.dtype, device=device)
+            self.model = CompressedLlava(self.backend, self.compressor_config)
+        self._hand_collate_to_datamodule()
+
+    def identity(self) -> dict[str, Any]:
+        """What decides this module's answers, known without loading weights: family, checkpoint,
+        dtype (and the device type ``auto`` resolves on), compressor settings, decoding and prompt
+        settings. Training-only settings (objective, budget penalty, optimizer) are not part of it."""
+        hparams = self.hparams
+        path = str(hparams.model_path)
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else "cpu"
+        return {
+            "backend": hparams.backend,
+            "model_path": os.path.abspath(path) if os.path.exists(path) else path,
+            "dtype": hparams.dtype,
+            "device": device,
+            "compressor": dataclasses.asdict(self.compressor_config),
+            "max_new_tokens": hparams.max_new_tokens,
+            "prompt": {"answer_suffix": ANSWER_SUFFIX, "decoding": "greedy"},
+        }
 
     # ----------------------------------------------------------------- batches
-    def setup(self, stage: str) -> None:
-        """Hands the datamodule the backend's collate function: training batches (prompt, answer
-        and labels) for instruction data, generation batches (prompt only) for benchmarks,
-        including an instruction module's ``val_benchmark``."""
+    def _hand_collate_to_datamodule(self) -> None:
+        """Training batches (prompt, answer and labels) for instruction data, generation batches
+        (prompt only) for benchmarks, including an instruction module's ``val_benchmark``."""
         from sparsezip_pl.data.datamodules import InstructDataModule
 
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -265,10 +320,11 @@ class SparseZipModule(L.LightningModule):
         tokens = compression.num_tokens.tolist()
         dominant = compression.num_dominant.tolist()
         for meta, text, n_tokens, n_dominant in zip(batch["meta"], texts, tokens, dominant):
-            parser = parse_pope_answer if meta["task"] == "pope" else parse_mme_answer
+            parser = answer_parser(meta["task"])
             records.append(
                 {
                     "sample_id": meta["sample_id"],
+                    "order": meta.get("order"),
                     "task": meta["task"],
                     "category": meta["category"],
                     "question": meta.get("question"),
@@ -332,7 +388,11 @@ class SparseZipModule(L.LightningModule):
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.compressor.parameters() if p.requires_grad]
-        return self.optimizer_factory(params)
+        optimizer = self.optimizer_factory(params)
+        # Resuming restores the optimizer's state, its settings (lr ...) included, after this;
+        # on_train_start puts back the ones this run was given.
+        self._configured_optimizer = [_group_settings(group) for group in optimizer.param_groups]
+        return optimizer
 
     def on_fit_start(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -356,6 +416,25 @@ class SparseZipModule(L.LightningModule):
         if self._rng_states_to_restore is not None:
             _set_rng_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
+        self._apply_configured_optimizer_settings()
+
+    def _apply_configured_optimizer_settings(self) -> None:
+        """A resumed fit trains with the optimizer settings it was given, not the checkpoint's.
+
+        Lightning restores the optimizer's ``state_dict``, whose param groups carry the settings
+        of the run that wrote it; a changed ``lr`` would otherwise be ignored without a word. Each
+        setting that differs is set back to this run's value, with a warning naming both.
+        """
+        if not self._configured_optimizer or self._trainer is None or not self.trainer.optimizers:
+            return
+        optimizer = self.trainer.optimizers[0]
+        for index, (group, wanted) in enumerate(zip(optimizer.param_groups, self._configured_optimizer)):
+            for key, value in wanted.items():
+                restored = group.get(key)
+                if not _same_setting(restored, value):
+                    rank_zero_warn(f"the checkpoint's optimizer had {key} = {restored!r} (param group {index}); "
+                                   f"this run applies its own {key} = {value!r}")
+                    group[key] = value
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states_to_restore = checkpoint.get(_RNG_KEY)
@@ -375,6 +454,17 @@ class SparseZipModule(L.LightningModule):
         for key, value in current.items():
             if not key.startswith(_COMPRESSOR_PREFIX):
                 state.setdefault(key, value)
+
+
+def _group_settings(group: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer param group's settings (everything but its parameters), tensors copied."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    return a == b
 
 
 def _upgrade_text_gate(state: dict[str, torch.Tensor]) -> None:
