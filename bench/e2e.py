@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsezip_pl.compress import MergingConfig, SparseZipConfig  # noqa: E402
-from sparsezip_pl.models.backend import freeze  # noqa: E402
+from sparsezip_pl.models.loading import freeze  # noqa: E402
 from sparsezip_pl.models.capture import encode_with_capture  # noqa: E402
 from sparsezip_pl.models.compressed import CompressedLlava  # noqa: E402
-from sparsezip_pl.models.hf import HFLlavaBackend  # noqa: E402
+from sparsezip_pl.models.families.llava_hf import HFLlavaBackend  # noqa: E402
 from sparsezip_pl.models.tiny import TOKENIZER_CORPUS, TinyLlavaSpec, synthetic_samples, tiny_hf_llava  # noqa: E402
 from sparsezip_pl.models.tokenizer import build_llama_tokenizer  # noqa: E402
 

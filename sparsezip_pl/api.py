@@ -16,51 +16,75 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sparsezip_pl.compress.config import SparseZipConfig
-from sparsezip_pl.models.backend import backend_from_model
+from sparsezip_pl.compress import CompressorConfig, get_method
 from sparsezip_pl.models.compressed import CompressedLlava, CompressedLlavaOutput
-from sparsezip_pl.models.splice import left_pack
+from sparsezip_pl.models.families import family_from_model
 
 
 def build_config(
-    base: SparseZipConfig | None = None,
+    base: Any = None,
     method: str | None = None,
     dominant: int | None = None,
     contextual: int | None = None,
+    budget: int | float | None = None,
     **fields: Any,
-) -> SparseZipConfig:
-    """``base`` (default ``SparseZipConfig()``) with fields replaced; nested ones (``alphas``,
-    ``dynk``, ``merging``) accept dicts of their own fields, ``contextual`` sets ``merging.contextual_num``."""
-    base = base or SparseZipConfig()
+) -> CompressorConfig:
+    """``base`` (default ``CompressorConfig()``; a dict or the flat ``SparseZipConfig`` of earlier
+    versions work too) with ``method``, ``budget`` and the method's own options replaced.
+
+    ``dominant`` and ``contextual`` are the counts VisionZip takes (``visionzip.dominant``,
+    ``visionzip.contextual``) and SparseZip's fixed budget (``sparsezip.dominant``,
+    ``sparsezip.merging.contextual_num``). Any other keyword is an option of the chosen method
+    (nested ones as dicts), or one of SparseZip's for the flat keywords of earlier versions;
+    an unknown one is a TypeError listing the method's options.
+    """
+    config = CompressorConfig.coerce(base if base is not None else CompressorConfig())
     updates: dict[str, Any] = {}
-    for name, value in fields.items():
-        current = getattr(base, name, None)
-        if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            value = dataclasses.replace(current, **value)
-        updates[name] = value
     if method is not None:
         updates["method"] = method
+    if budget is not None:
+        updates["budget"] = budget
+    config = dataclasses.replace(config, **updates) if updates else config
+    spec = get_method(config.method)
+    options = config.options()
+    names = {f.name for f in dataclasses.fields(options)}
     if dominant is not None:
-        updates["dominant"] = dominant
+        fields["dominant"] = dominant
     if contextual is not None:
-        merging = updates.get("merging", base.merging)
-        updates["merging"] = dataclasses.replace(merging, contextual_num=contextual)
-    return dataclasses.replace(base, **updates)
+        if "contextual" in names:
+            fields["contextual"] = contextual
+        else:
+            fields["merging"] = {**fields.get("merging", {}), "contextual_num": contextual}
+    if not fields:
+        return config
+    target = config.method if names >= set(fields) else "sparsezip"
+    section = config.options() if target == config.method else config.sparsezip
+    allowed = {f.name for f in dataclasses.fields(section)}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise TypeError(f"method {spec.name!r} has no option(s) {sorted(unknown)}; its options: {sorted(names)}")
+    updated = {}
+    for name, value in fields.items():
+        current = getattr(section, name)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            value = dataclasses.replace(current, **value)
+        updated[name] = value
+    return dataclasses.replace(config, **{target: dataclasses.replace(section, **updated)})
 
 
 class SparseZipModel(nn.Module):
-    """A stock LLaVA with SparseZip between its vision tower and its LLM.
+    """A stock model with a token-reduction method between its vision tower and its LLM.
 
     ``generate`` and ``forward`` take the stock model's inputs; any other attribute is the
     stock model's. The stock model itself is not modified.
     """
 
-    def __init__(self, model: nn.Module, config: SparseZipConfig, compressor: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, config: Any, compressor: nn.Module | None = None,
+                 visual_positions: str | None = None) -> None:
         super().__init__()
-        self.sparsezip = CompressedLlava(backend_from_model(model), config, compressor)
+        self.sparsezip = CompressedLlava(family_from_model(model), config, compressor, visual_positions)
 
     def __getattr__(self, name: str):
         try:
@@ -79,66 +103,16 @@ class SparseZipModel(nn.Module):
     def family(self) -> str:
         return self.sparsezip.backend.family
 
-    # ------------------------------------------------------------ inputs
-    def _batch_from_stock_inputs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        pixel_values: torch.Tensor | list | None,
-    ) -> dict[str, torch.Tensor]:
-        """Stock inputs -> our batch: one placeholder per image, left padding, one pixel row per sample."""
-        backend = self.sparsezip.backend
-        image_id = backend.image_token_id
-        device = backend.device
-        input_ids = input_ids.to(device)
-        batch_size = input_ids.shape[0]
-        if attention_mask is None:
-            real = torch.ones_like(input_ids, dtype=torch.bool)
-        else:
-            real = attention_mask.to(device).bool()
-        is_image = (input_ids == image_id) & real
-        if backend.family == "hf":
-            # The processor wrote N placeholders per image; keep the first of each run.
-            first = is_image & ~F.pad(is_image, (1, 0))[:, :-1]
-            runs = first.sum(1)
-            if bool((runs > 1).any()):
-                raise NotImplementedError("more than one image per sample is not supported")
-            if bool(((is_image.sum(1) != backend.num_patches) & (runs == 1)).any()):
-                raise ValueError(f"each image needs {backend.num_patches} consecutive {image_id} placeholders")
-            keep = real & (~is_image | first)
-            has_image = runs == 1
-        else:
-            keep = real
-            has_image = is_image.any(1)
-        ids, attention, _ = left_pack(input_ids, keep, backend.pad_token_id)
-
-        if isinstance(pixel_values, (list, tuple)):
-            pixel_values = torch.stack([p if p.dim() == 3 else p.squeeze(0) for p in pixel_values])
-        if pixel_values is None:
-            if bool(has_image.any()):
-                raise ValueError("input_ids hold image placeholders but no images were given")
-            size = backend.vision_tower.config.image_size
-            pixel_values = torch.zeros(batch_size, 3, size, size, device=device)
-        elif backend.family == "hf" and pixel_values.shape[0] != batch_size:
-            # transformers' processor gives one pixel row per image, not per sample.
-            full = pixel_values.new_zeros(batch_size, *pixel_values.shape[1:])
-            full[has_image] = pixel_values
-            pixel_values = full
-        return {
-            "input_ids": ids,
-            "attention_mask": attention,
-            "question_mask": attention.bool() & (ids != image_id),
-            "pixel_values": pixel_values,
-            "has_image": has_image,
-        }
-
-    def _stock_inputs(self, input_ids, inputs, images, pixel_values):
+    def _batch(self, input_ids, inputs, images, pixel_values, attention_mask, kwargs: dict[str, Any]):
+        """The family's batch from the stock inputs (popping the family's extra inputs from ``kwargs``)."""
+        family = self.sparsezip.backend
         input_ids = input_ids if input_ids is not None else inputs
         if input_ids is None:
             raise ValueError("input_ids are required")
-        return input_ids, pixel_values if pixel_values is not None else images
+        extra = {name: kwargs.pop(name) for name in family.stock_input_names if name in kwargs}
+        pixels = pixel_values if pixel_values is not None else images
+        return input_ids, family.batch_from_stock_inputs(input_ids, attention_mask, pixels, **extra)
 
-    # --------------------------------------------------------------- calls
     @torch.no_grad()
     def generate(
         self,
@@ -147,17 +121,15 @@ class SparseZipModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         inputs: torch.Tensor | None = None,
-        image_sizes=None,
         **kwargs,
     ):
-        """The stock ``generate`` with compressed visual tokens (greedy unless told otherwise).
-
-        ``image_sizes`` is accepted and ignored: only 'anyres' models (LLaVA-1.6) use it.
-        """
-        input_ids, pixels = self._stock_inputs(input_ids, inputs, images, pixel_values)
-        batch = self._batch_from_stock_inputs(input_ids, attention_mask, pixels)
+        """The stock ``generate`` with compressed visual tokens (greedy unless told otherwise); the
+        output has the stock layout (prompt + new ids for transformers' models, new ids only for
+        the original LLaVA's)."""
+        input_ids, batch = self._batch(input_ids, inputs, images, pixel_values, attention_mask, kwargs)
+        kwargs.pop("image_sizes", None)  # LLaVA-1.5's stock generate accepts and ignores it too
         generated, _ = self.sparsezip.generate(batch, **kwargs)
-        if self.family == "llava":
+        if not self.sparsezip.backend.stock_generate_returns_prompt:
             return generated
         sequences = generated if isinstance(generated, torch.Tensor) else generated.sequences
         sequences = torch.cat([input_ids.to(sequences.device), sequences], dim=1)
@@ -177,32 +149,38 @@ class SparseZipModel(nn.Module):
         **kwargs,
     ) -> CompressedLlavaOutput:
         """Logits on the compressed sequence (its own length; see ``CompressedLlavaOutput``)."""
-        input_ids, pixels = self._stock_inputs(input_ids, inputs, images, pixel_values)
-        batch = self._batch_from_stock_inputs(input_ids, attention_mask, pixels)
         if labels is not None:
-            raise NotImplementedError("labels: build batches with backend.batch_builder('train') and CompressedLlava")
+            raise NotImplementedError("labels: build batches with the family's batch_builder('train') and CompressedLlava")
+        _, batch = self._batch(input_ids, inputs, images, pixel_values, attention_mask, kwargs)
         return self.sparsezip(batch)
 
 
 def sparsezip(
     model: nn.Module,
-    method: str = "sparsezip",
+    method: str | None = None,
     dominant: int | None = None,
     contextual: int | None = None,
-    config: SparseZipConfig | None = None,
+    config: Any = None,
     compressor: nn.Module | None = None,
+    budget: int | float | None = None,
+    visual_positions: str | None = None,
     **more_config: Any,
 ) -> SparseZipModel:
-    """Wrap a loaded LLaVA (transformers' ``LlavaForConditionalGeneration`` or the original
-    ``LlavaLlamaForCausalLM``) so that its ``generate`` uses compressed visual tokens.
+    """Wrap a loaded model of any registered family (its family detected) so that its ``generate``
+    uses compressed visual tokens.
 
-    ``method``: ``sparsezip``, ``visionzip`` or ``none``; ``dominant`` / ``contextual``: the token
-    budget (``contextual`` is ``merging.contextual_num``); ``more_config``: any other
-    :class:`SparseZipConfig` field (nested ones as dicts), applied over ``config``.
+    ``method``: a registered method (``sparsezip`` by default; ``none``, ``visionzip``,
+    ``divprune``, ``fastv`` ...); ``budget``: visual tokens per image reaching the LLM, or a
+    fraction; ``dominant`` / ``contextual``: VisionZip's counts (SparseZip's fixed budget);
+    ``more_config``: options of the method (nested ones as dicts), applied over ``config``;
+    ``visual_positions``: ``contiguous`` (default) or ``original``.
     """
     if isinstance(model, SparseZipModel):
         raise TypeError("the model is already wrapped; unwrap(model) first")
-    return SparseZipModel(model, build_config(config, method, dominant, contextual, **more_config), compressor)
+    if method is None and config is None:
+        method = "sparsezip"
+    built = build_config(config, method, dominant, contextual, budget, **more_config)
+    return SparseZipModel(model, built, compressor, visual_positions)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

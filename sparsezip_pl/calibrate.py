@@ -21,23 +21,21 @@ import torch
 import yaml
 from PIL import Image
 
-from sparsezip_pl.compress.compressor import SparseZipCompressor
-from sparsezip_pl.compress.config import SparseZipConfig, VisionCapture
-from sparsezip_pl.models.backend import LlavaBackend, load_backend
-from sparsezip_pl.models.capture import encode_with_capture
+from sparsezip_pl.compress import CompressorConfig, build_method
+from sparsezip_pl.compress.types import VisionCapture
+from sparsezip_pl.models import LlavaBackend, load_backend
+from sparsezip_pl.models.compressed import geometry_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def config_from_yaml(path: str | Path) -> SparseZipConfig:
-    """The ``model.compressor`` section of a CLI config file as a :class:`SparseZipConfig`."""
-    from sparsezip_pl.api import build_config
-
+def config_from_yaml(path: str | Path) -> CompressorConfig:
+    """The ``model.compressor`` section of a CLI config file as a :class:`CompressorConfig`."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     section = (data.get("model") or {}).get("compressor")
     if section is None:
         raise ValueError(f"{path}: no model.compressor section")
-    return build_config(**section)
+    return CompressorConfig.coerce(section)
 
 
 def find_images(folder: str | Path, limit: int | None = None) -> list[Path]:
@@ -55,28 +53,29 @@ def capture_images(backend: LlavaBackend, paths: list[Path], layers, batch_size:
     captures = []
     for start in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[start:start + batch_size]]
-        pixel_values = preprocess(images).to(backend.device)
-        capture = encode_with_capture(backend.vision_tower, pixel_values, backend.feature_layer, list(layers))
+        capture = backend.encode_images({"pixel_values": preprocess(images)}, list(layers))
         captures.append(VisionCapture(capture.hidden.float(), capture.queries.float(), capture.keys.float()))
     return captures
 
 
 @torch.no_grad()
-def budgets(backend: LlavaBackend, config: SparseZipConfig, captures: list[VisionCapture]) -> torch.Tensor:
+def budgets(backend: LlavaBackend, config: CompressorConfig, captures: list[VisionCapture]) -> torch.Tensor:
     """Visual tokens per image that ``config`` keeps (a fresh compressor: its trainable parts at their defaults)."""
-    compressor = SparseZipCompressor(config, backend.vision_num_heads, backend.vision_head_dim,
-                                     num_patches=backend.num_patches).eval()
+    compressor = build_method(config, geometry_of(backend)).eval()
     return torch.cat([compressor(capture).num_tokens.float() for capture in captures])
 
 
-def calibrate_scale(backend: LlavaBackend, config: SparseZipConfig, captures: list[VisionCapture], target: float,
+def calibrate_scale(backend: LlavaBackend, config: CompressorConfig, captures: list[VisionCapture], target: float,
                     low: float = 0.01, high: float = 20.0, steps: int = 30) -> tuple[float, torch.Tensor]:
     """The ``dynk.scale`` whose mean budget is closest to ``target`` (bisection), with its budgets."""
-    if config.method != "sparsezip" or not config.dynamic_k or config.dynk.rule != "attention_entropy":
-        raise ValueError("calibration needs method: sparsezip, dynamic_k: true and dynk.rule: attention_entropy")
+    options = config.sparsezip
+    if config.method != "sparsezip" or not options.dynamic_k or options.dynk.rule != "attention_entropy":
+        raise ValueError("calibration needs method: sparsezip, sparsezip.dynamic_k: true and "
+                         "sparsezip.dynk.rule: attention_entropy")
 
     def at(scale: float) -> torch.Tensor:
-        return budgets(backend, dataclasses.replace(config, dynk=dataclasses.replace(config.dynk, scale=scale)), captures)
+        dynk = dataclasses.replace(options.dynk, scale=scale)
+        return budgets(backend, dataclasses.replace(config, sparsezip=dataclasses.replace(options, dynk=dynk)), captures)
 
     low_tokens, high_tokens = at(low), at(high)
     low_budget, high_budget = low_tokens.mean().item(), high_tokens.mean().item()
@@ -98,9 +97,9 @@ def calibrate_scale(backend: LlavaBackend, config: SparseZipConfig, captures: li
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="a CLI config file with a model.compressor section")
-    parser.add_argument("--backend", default="hf", choices=("hf", "llava"))
+    parser.add_argument("--backend", default="hf", help="the model family (hf, llava, ...)")
     parser.add_argument("--model-path", required=True)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
     parser.add_argument("--max-images", type=int, default=None)
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> float:
     config = config_from_yaml(args.config)
     backend = load_backend(args.backend, args.model_path, dtype=args.dtype, device=args.device)
     paths = find_images(args.images, args.max_images)
-    captures = capture_images(backend, paths, config.layers)
+    captures = capture_images(backend, paths, config.sparsezip.layers)
     scale, tokens = calibrate_scale(backend, config, captures, args.target)
     print(f"{len(paths)} images from {args.images}: dynk.scale {scale:.3f} gives {tokens.mean().item():.2f} "
           f"visual tokens per image on average (min {tokens.min().item():.0f}, max {tokens.max().item():.0f})")

@@ -86,7 +86,7 @@ class SparseZipCLI(LightningCLI):
         self._resolve_last()
 
 
-_IDENTITY = ("backend", "model_path", "dtype", "compressor")
+_IDENTITY = ("backend", "model_path", "dtype", "compressor", "visual_positions")
 
 
 def _identity(hparams) -> str:

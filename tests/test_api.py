@@ -6,7 +6,7 @@ import torch
 from sparsezip_pl.api import build_config, sparsezip, unwrap
 from sparsezip_pl.compress import SparseZipConfig
 from sparsezip_pl.models import CompressedLlava, load_backend
-from sparsezip_pl.models.llava_original import cache_kwarg_compat
+from sparsezip_pl.models.families.llava import cache_kwarg_compat
 from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
 
 
@@ -53,7 +53,7 @@ def _new_tokens(backend, inputs, output):
 def test_wrapped_generate_equals_compressed_llava(backend):
     samples = synthetic_samples(3, seed=5)
     model = sparsezip(backend.model, method="visionzip", dominant=20, contextual=6)
-    assert model.sparsezip.config.dominant == 20 and model.sparsezip.config.merging.contextual_num == 6
+    assert model.sparsezip.config.visionzip.dominant == 20 and model.sparsezip.config.visionzip.contextual == 6
     inputs = _stock_inputs(backend, samples)
     output = model.generate(**inputs, max_new_tokens=5)
     if backend.family == "hf":
@@ -80,7 +80,7 @@ def test_unwrap_and_proxies_leave_the_stock_model_untouched(backend):
     forward, generate = type(model).forward, type(model).generate
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     wrapped = sparsezip(model, method="sparsezip", k_max=32, dynk={"scale": 0.25})
-    assert wrapped.sparsezip.config.dynk.scale == 0.25 and wrapped.sparsezip.config.k_max == 32
+    assert wrapped.sparsezip.config.sparsezip.dynk.scale == 0.25 and wrapped.sparsezip.config.sparsezip.k_max == 32
     assert unwrap(wrapped) is model
     assert unwrap(model) is model
     assert wrapped.config is model.config
@@ -95,6 +95,12 @@ def test_unwrap_and_proxies_leave_the_stock_model_untouched(backend):
 
 def test_build_config_rejects_unknown_fields():
     assert build_config(method="none").method == "none"
-    assert build_config(SparseZipConfig(dominant=5), contextual=3).dominant == 5
-    with pytest.raises(TypeError):
+    legacy = build_config(SparseZipConfig(dominant=5), contextual=3)  # the flat config of earlier versions
+    assert legacy.sparsezip.dominant == 5 and legacy.sparsezip.merging.contextual_num == 3
+    visionzip = build_config(method="visionzip", dominant=54, contextual=10, budget=None)
+    assert (visionzip.visionzip.dominant, visionzip.visionzip.contextual) == (54, 10)
+    assert build_config(method="visionzip", budget=128).budget == 128
+    with pytest.raises(TypeError, match="has no option"):
         build_config(not_a_field=1)
+    with pytest.raises(ValueError, match="unknown method 'nope'; known methods: .*visionzip"):
+        build_config(method="nope")

@@ -11,11 +11,16 @@ from PIL import Image
 
 from sparsezip_pl.api import build_config
 from sparsezip_pl.calibrate import budgets, calibrate_scale, capture_images, config_from_yaml, find_images, main
-from sparsezip_pl.models.backend import load_backend
+from sparsezip_pl.models import load_backend
 from sparsezip_pl.models.tiny import cached_tiny_llava
 
 CONFIG = build_config(method="sparsezip", dynamic_k=True, k_min=2, k_max=40, dynk={"rule": "attention_entropy"},
                       merging={"contextual_num": 4})
+
+
+def _with_dynk(**changes):
+    options = CONFIG.sparsezip
+    return dataclasses.replace(CONFIG, sparsezip=dataclasses.replace(options, dynk=dataclasses.replace(options.dynk, **changes)))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +33,7 @@ def setup(tmp_path_factory):
     (folder / "notes.txt").write_text("not an image")
     backend = load_backend("hf", cached_tiny_llava("hf"))
     paths = find_images(folder)
-    return backend, paths, capture_images(backend, paths, CONFIG.layers, batch_size=4), folder
+    return backend, paths, capture_images(backend, paths, CONFIG.sparsezip.layers, batch_size=4), folder
 
 
 def test_finds_only_images_in_order(setup):
@@ -39,7 +44,7 @@ def test_finds_only_images_in_order(setup):
 
 def test_budget_grows_with_scale_and_calibration_hits_the_target(setup):
     backend, _, captures, _ = setup
-    means = [budgets(backend, dataclasses.replace(CONFIG, dynk=dataclasses.replace(CONFIG.dynk, scale=s)),
+    means = [budgets(backend, _with_dynk(scale=s),
                      captures).mean().item() for s in (0.01, 0.05, 0.2, 1.0)]
     assert means == sorted(means) and means[0] < means[-1]
     target = (means[0] + means[-1]) / 2
@@ -47,7 +52,7 @@ def test_budget_grows_with_scale_and_calibration_hits_the_target(setup):
     assert tokens.shape == (6,)
     assert abs(tokens.mean().item() - target) <= 1.0
     # the returned budgets are those of the returned scale
-    again = budgets(backend, dataclasses.replace(CONFIG, dynk=dataclasses.replace(CONFIG.dynk, scale=scale)), captures)
+    again = budgets(backend, _with_dynk(scale=scale), captures)
     assert torch.equal(again, tokens)
 
 
@@ -56,7 +61,7 @@ def test_unreachable_target_and_wrong_rule_are_errors(setup):
     with pytest.raises(ValueError, match="outside what dynk.scale"):
         calibrate_scale(backend, CONFIG, captures, 10_000.0)
     with pytest.raises(ValueError, match="attention_entropy"):
-        calibrate_scale(backend, dataclasses.replace(CONFIG, dynk=dataclasses.replace(CONFIG.dynk, rule="seed")),
+        calibrate_scale(backend, _with_dynk(rule="seed"),
                         captures, 20.0)
 
 

@@ -153,12 +153,12 @@ def test_ckpt_path_keeps_the_given_settings_and_warns_about_differences(tmp_path
     cli = _fit(tmp_path, world, tiny_model, steps=1)
     checkpoint_path = next(Path(cli.trainer.log_dir).glob("checkpoints/*.ckpt"))
     config = _config(tmp_path, "test", tiny_model, _eval_data(world))
-    with pytest.warns(UserWarning, match=r"model\.compressor\.visual_positions = 'contiguous'; this run uses 'original'"):
+    with pytest.warns(UserWarning, match=r"model\.visual_positions = 'contiguous'; this run uses 'original'"):
         tested = main([
             "test", "--config", config, f"--ckpt_path={checkpoint_path}",
-            "--model.compressor.visual_positions=original", "--model.max_new_tokens=2",
+            "--model.visual_positions=original", "--model.max_new_tokens=2",
         ])
-    assert tested.model.model.config.visual_positions == "original"
+    assert tested.model.model.visual_positions == "original"
     assert tested.model.hparams.max_new_tokens == 2
 
 

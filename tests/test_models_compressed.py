@@ -5,7 +5,7 @@ import torch
 
 from sparsezip_pl.compress import SparseZipConfig
 from sparsezip_pl.models import CompressedLlava, load_backend
-from sparsezip_pl.models.llava_original import cache_kwarg_compat
+from sparsezip_pl.models.families.llava import cache_kwarg_compat
 from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
 
 FAMILIES = ["hf", "llava"]
@@ -171,9 +171,9 @@ def test_question_embeddings_reach_the_compressor(backend, monkeypatch):
     seen = {}
     original = model.compressor.forward
 
-    def record(capture, text_embeds=None, text_mask=None):
-        seen.update(text_embeds=text_embeds, text_mask=text_mask)
-        return original(capture, text_embeds=text_embeds, text_mask=text_mask)
+    def record(capture):
+        seen.update(text_embeds=capture.text_embeds, text_mask=capture.text_mask)
+        return original(capture)
 
     monkeypatch.setattr(model.compressor, "forward", record)
     with torch.no_grad():

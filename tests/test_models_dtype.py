@@ -12,7 +12,7 @@ import torch
 
 from sparsezip_pl.compress import SparseZipConfig
 from sparsezip_pl.models import CompressedLlava, load_backend
-from sparsezip_pl.models.llava_original import cache_kwarg_compat
+from sparsezip_pl.models.families.llava import cache_kwarg_compat
 from sparsezip_pl.models.tiny import cached_tiny_llava, synthetic_samples
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparsezip_pl.models import ModelNotAvailableError, load_backend
-from sparsezip_pl.models.backend import DOWNLOAD_COMMAND
+from sparsezip_pl.models.loading import DOWNLOAD_COMMAND
 from sparsezip_pl.models.tiny import cached_tiny_llava
 
 

@@ -144,14 +144,17 @@ def no_weights(monkeypatch):
 
 
 @pytest.mark.parametrize(("compressor", "field"), [
-    ({"method": "visionzip", "dominant": 600}, r"compressor.dominant = 600 keeps 599 patches, more than the 64"),
-    ({"method": "sparsezip", "k_max": 65}, r"compressor.k_max = 65 keeps 65 patches"),
-    ({"method": "visionzip", "dominant": 60, "merging": {"contextual_num": 10}}, r"budget of 70 visual tokens"),
+    ({"method": "visionzip", "visionzip": {"dominant": 600}}, r"visionzip: dominant = 600 \+ contextual = 10 is more than the 64"),
+    ({"method": "visionzip", "budget": 100}, r"budget = 100 asks for 100 visual tokens, more than the 64"),
+    ({"method": "sparsezip", "sparsezip": {"k_max": 65}}, r"compressor.k_max = 65 keeps 65 patches"),
+    ({"method": "sparsezip", "budget": 0.5, "sparsezip": {"dynamic_k": False, "merging": {"contextual_num": 40}}},
+     r"budget of 32 tokens leaves no room for CLS and merging.contextual_num = 40"),
 ])
 def test_a_budget_larger_than_the_tower_is_a_configuration_error(tiny_model, no_weights, compressor, field):
-    merging = MergingConfig(**compressor.pop("merging", {}))
+    from sparsezip_pl.compress import CompressorConfig
+
     with pytest.raises(ValueError, match=field):
-        SparseZipModule(model_path=tiny_model, compressor=SparseZipConfig(merging=merging, **compressor))
+        SparseZipModule(model_path=tiny_model, compressor=CompressorConfig.coerce(compressor))
 
 
 def test_a_budget_larger_than_the_tower_is_refused_by_the_api_too(tiny_model):

@@ -5,19 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import CompressionOutput
+from .types import CompressionOutput
 from .merge import anchor_plan
 from .output import assemble_output
 from .scoring import UNIT_EPS, cls_attention
 
 
-def compress_none(hidden: torch.Tensor) -> CompressionOutput:
-    """The stock model: the N patch tokens, no CLS (LLaVA-1.5's 'default' feature select)."""
-    batch, length, _ = hidden.shape
-    n = length - 1
-    device = hidden.device
+def compress_none(patches: torch.Tensor) -> CompressionOutput:
+    """The stock model: all N patch tokens [B, N, C], as LLaVA-1.5's 'default' feature select
+    sends them (no CLS)."""
+    batch, n, _ = patches.shape
+    device = patches.device
     return CompressionOutput(
-        tokens=hidden[:, 1:],
+        tokens=patches,
         mask=torch.ones(batch, n, dtype=torch.bool, device=device),
         kept_indices=torch.arange(n, device=device).expand(batch, n),
         num_dominant=torch.full((batch,), n, dtype=torch.long, device=device),
@@ -30,33 +30,42 @@ def compress_none(hidden: torch.Tensor) -> CompressionOutput:
 
 
 def compress_visionzip(
-    hidden: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, dominant: int, contextual_num: int
+    hidden: torch.Tensor,
+    attention: torch.Tensor,
+    keys: torch.Tensor,
+    dominant_patches: int,
+    contextual_num: int,
+    has_cls: bool = True,
 ) -> CompressionOutput:
-    """VisionZip (Yang et al., 2024) on one layer's capture.
+    """VisionZip (Yang et al., CVPR 2025) on one layer's capture.
 
-    hidden [B, L, C]; queries [B, h, d]; keys [B, h, L, d].
-    ``dominant`` counts CLS, as VisionZip's ``visionzip(model, dominant, contextual)`` does (its
-    code keeps ``dominant_num = dominant - 1`` patches): dominant tokens = CLS + the
-    ``dominant - 1`` patches of highest CLS attention summed over heads, in spatial order.
+    hidden [B, L, C] (CLS at 0 when ``has_cls``); attention [B, h, N] the CLS row to the patches
+    (softmax over all L tokens, the CLS column dropped), or the family's substitute; keys
+    [B, h, N, d] the patches' keys. Dominant tokens: CLS (when present) and the
+    ``dominant_patches`` patches of highest attention summed over heads, in spatial order.
     Contextual: uniform anchors among the remaining patches on unit head-averaged keys, argmax
-    assignment, anchor + mean of members (see :func:`merge.anchor_plan`). At most
-    ``dominant + contextual_num`` tokens; ``dominant - 1`` is clamped to N, slots it cannot fill
-    are masked.
+    assignment, anchor + mean of members (:func:`merge.anchor_plan`). ``dominant_patches`` is
+    clamped to N; slots it cannot fill are masked.
     """
-    batch, length, _ = hidden.shape
-    n = length - 1
-    patches = dominant - 1
-    k = min(patches, n)
-    attention = cls_attention(queries.float(), keys.float())[:, :, 1:].sum(dim=1)  # [B, N]
-    top = attention.topk(k, dim=1).indices
-    if patches > k:
-        top = F.pad(top, (0, patches - k), value=n)
+    batch = hidden.shape[0]
+    n = attention.shape[-1]
+    k = min(dominant_patches, n)
+    score = attention.float().sum(dim=1)  # [B, N]
+    top = score.topk(k, dim=1).indices
+    if dominant_patches > k:
+        top = F.pad(top, (0, dominant_patches - k), value=n)
     indices = top.sort(dim=1).values
     keep = torch.zeros(batch, n + 1, dtype=torch.bool, device=hidden.device)
     leftover = ~keep.scatter(1, indices, True)[:, :n]
 
-    metric = F.normalize(keys.float().mean(dim=1)[:, 1:], dim=-1, eps=UNIT_EPS)
+    metric = F.normalize(keys.float().mean(dim=1), dim=-1, eps=UNIT_EPS)
     contextual = anchor_plan(metric, leftover, contextual_num)
     num_dominant = torch.full((batch,), k, dtype=torch.long, device=hidden.device)
-    expected = (1 + num_dominant + contextual.count).to(torch.float32)
-    return assemble_output(hidden, indices, num_dominant, contextual, attention, expected)
+    expected = (int(has_cls) + num_dominant + contextual.count).to(torch.float32)
+    return assemble_output(hidden, indices, num_dominant, contextual, score, expected, has_cls=has_cls)
+
+
+def cls_patch_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The CLS row's attention to the patches per head: queries [..., h, d], keys [..., h, L, d]
+    (CLS at 0) -> [..., h, N], softmax over all L tokens with the CLS column dropped."""
+    return cls_attention(queries.float(), keys.float())[..., 1:]

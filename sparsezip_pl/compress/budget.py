@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import SparseZipConfig
+from .config import SparseZipOptions
 
 DEFAULT_OFFSET = {"seed": 8.0, "attention_entropy": 0.0}
 
@@ -41,7 +41,7 @@ class TokenBudget(nn.Module):
     The result is continuous; :func:`select_dominant` rounds and clamps it.
     """
 
-    def __init__(self, config: SparseZipConfig):
+    def __init__(self, config: SparseZipOptions):
         super().__init__()
         dynk = config.dynk
         offset = DEFAULT_OFFSET[dynk.rule] if dynk.c is None else dynk.c

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 Method = Literal["sparsezip", "visionzip", "none"]
 DynamicKRule = Literal["seed", "attention_entropy"]
 VisualPositions = Literal["contiguous", "original"]
@@ -69,26 +67,24 @@ class MergingConfig:
 
 
 @dataclass
-class SparseZipConfig:
-    """Everything that defines one compression method.
+class SparseZipOptions:
+    """SparseZip's own options (the ``sparsezip`` section of a compressor config).
 
-    Ablations of SparseZip: ``hybrid_scoring=False`` scores by CLS attention alone,
-    ``dynamic_k=False`` keeps a fixed ``dominant`` tokens (CLS included),
-    ``merging.hierarchical=False`` merges leftovers the VisionZip way.
+    Ablations: ``hybrid_scoring=False`` scores by CLS attention alone, ``dynamic_k=False`` keeps a
+    fixed ``dominant`` tokens (CLS included), ``merging.hierarchical=False`` merges leftovers the
+    VisionZip way. With a ``budget`` on the compressor, the fixed budget is exactly that many
+    visual tokens (``dominant`` = budget - contextual) and the dynamic one at most that many per
+    image (``k_max`` = budget - 1 - contextual; the run records the mean it spent).
     """
 
-    method: Method = "sparsezip"
-    """``none`` (all patches: the stock model), ``visionzip`` (VisionZip's published algorithm
-    with ``dominant`` and ``merging.contextual_num``) or ``sparsezip``."""
     layers: list[int] = field(default_factory=lambda: [-2])
     """Vision layers scored, indexed like ``hidden_states`` / LLaVA's ``mm_vision_select_layer``
     (-2 = the second-to-last encoder layer); several are fused by learned gates."""
     dynamic_k: bool = True
     """Choose K per image by ``dynk``; False keeps a fixed ``dominant``."""
     dominant: int = 54
-    """Dominant tokens of ``visionzip`` and of ``sparsezip`` with ``dynamic_k=False``, counted as
-    VisionZip counts them: CLS included, so ``dominant - 1`` patches are kept (VisionZip's
-    ``visionzip(model, dominant=54, contextual=10)`` yields 54 + 10 = 64 visual tokens). >= 1."""
+    """Dominant tokens with ``dynamic_k=False``, counted as VisionZip counts them: CLS included, so
+    ``dominant - 1`` patches are kept. >= 1."""
     k_min: int = 8
     """Dynamic K: fewest dominant patches per image (clamped to the number of patches)."""
     k_max: int = 64
@@ -114,73 +110,34 @@ class SparseZipConfig:
     """Temperature of the score softmax that weights members of a contextual token."""
     seed: int = 0
     """Seed of the k-means++ initialisation (same input and seed, same output)."""
+
+
+@dataclass
+class SparseZipConfig(SparseZipOptions):
+    """The flat compressor config of earlier versions: a ``method`` name plus SparseZip's options
+    (``dominant`` and ``merging.contextual_num`` also set VisionZip's budget) and where the kept
+    tokens sit. Still accepted everywhere a compressor config is (converted by
+    :meth:`sparsezip_pl.compress.CompressorConfig.coerce`); new code uses ``CompressorConfig``.
+    """
+
+    method: Method = "sparsezip"
+    """``none`` (all patches: the stock model), ``visionzip`` (with ``dominant`` and
+    ``merging.contextual_num``) or ``sparsezip``."""
     visual_positions: VisualPositions = "contiguous"
-    """Position ids the LLM gives the kept tokens. ``contiguous`` (VisionZip's and the usual
-    choice): one after another, so the text after the image moves up. ``original``: each token
-    keeps the position it had in the uncompressed sequence (a contextual token: its members'
-    centroid; see ``CompressionOutput.positions``) and the text keeps its positions too; the
-    sequence is just as short."""
+    """Position ids the LLM gives the kept tokens (``contiguous`` or ``original``); now a model
+    setting (``visual_positions`` of the module and of ``sparsezip()``)."""
 
 
-@dataclass
-class VisionCapture:
-    """What the vision tower hands the compressor (all tensors batched).
-
-    hidden:  [B, L, C] features of the feature layer, CLS at position 0 (L = 1 + N patches).
-    queries: [S, B, h, d] the CLS query of each scoring layer (after q_proj, before scaling).
-    keys:    [S, B, h, L, d] the keys of each scoring layer.
-    S = len(config.layers), in the order of ``config.layers``.
-    """
-
-    hidden: torch.Tensor
-    queries: torch.Tensor
-    keys: torch.Tensor
-
-
-@dataclass
-class CompressionOutput:
-    """Compressed visual tokens of a batch; T_b = mask[b].sum() varies per image.
-
-    tokens:         [B, T_max, C] CLS, dominant patches (spatial order), contextual tokens;
-                    slots where ``mask`` is False are padding and must never reach the LLM.
-    mask:           [B, T_max] bool, True for real tokens.
-    kept_indices:   [B, K_max] long, patch indices (0..N-1) of dominant tokens, -1 where unused.
-    num_dominant:   [B] long, K per image.
-    num_contextual: [B] long, non-empty contextual tokens per image.
-    cluster_map:    [B, N] long, contextual slot of each leftover patch, -1 for dominant ones.
-    scores:         [B, N] float, the fused importance score per patch.
-    expected_tokens:[B] float, differentiable expected token count (for a budget penalty).
-    positions:      [B, T_max] long, the patch (0..N-1) each token stands at in the image's grid:
-                    a dominant patch its own, CLS patch 0, a contextual token the patch nearest
-                    the weighted centroid of its members; 0 on padding. Used when the LLM is
-                    given the tokens' original positions (``visual_positions="original"``).
-    """
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    kept_indices: torch.Tensor
-    num_dominant: torch.Tensor
-    num_contextual: torch.Tensor
-    cluster_map: torch.Tensor
-    scores: torch.Tensor
-    expected_tokens: torch.Tensor
-    positions: torch.Tensor
-
-    @property
-    def num_tokens(self) -> torch.Tensor:
-        """[B] long, real visual tokens per image."""
-        return self.mask.sum(dim=1)
-
-
-def check_budget(config: SparseZipConfig, num_patches: int) -> None:
+def check_budget(config: SparseZipOptions, num_patches: int) -> None:
     """Refuse a budget larger than the tower's patch grid (``num_patches`` = N).
 
     Without this, a kept-patch count above N would be clamped and the method would silently run
     on (nearly) every patch. Raises ValueError naming the field, its value and N.
     """
-    if config.method == "none":
+    method = getattr(config, "method", "sparsezip")
+    if method == "none":
         return
-    if config.method == "sparsezip" and config.dynamic_k:
+    if method == "sparsezip" and config.dynamic_k:
         kept = {"k_min": config.k_min, "k_max": config.k_max}
     else:  # ``dominant`` counts CLS
         kept = {"dominant": config.dominant - 1}

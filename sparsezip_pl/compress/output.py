@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import CompressionOutput
+from .types import CompressionOutput
 from .merge import ContextualPlan
 
 
@@ -19,12 +19,14 @@ def assemble_output(
     scores: torch.Tensor,
     expected_tokens: torch.Tensor,
     dominant_scale: torch.Tensor | None = None,
+    has_cls: bool = True,
 ) -> CompressionOutput:
-    """Lay out ``[CLS, dominant slots, contextual slots]``.
+    """Lay out ``[CLS, dominant slots, contextual slots]`` (no CLS slot when ``has_cls`` is False).
 
-    hidden [B, L, C]; dominant_indices [B, slots] patch indices in spatial order with ``N`` in
-    unused slots; dominant_scale [B, N] optional per-patch factor applied to the dominant tokens
-    (the straight-through ``1 + m - m.detach()``). Padding slots hold zeros and are masked.
+    hidden [B, L, C] with the CLS token at 0 when ``has_cls`` (then N = L - 1 patches), else L = N
+    patches; dominant_indices [B, slots] patch indices in spatial order with ``N`` in unused
+    slots; dominant_scale [B, N] optional per-patch factor applied to the dominant tokens (the
+    straight-through ``1 + m - m.detach()``). Padding slots hold zeros and are masked.
 
     Every output token is a weighted sum of rows of ``hidden`` (CLS and a dominant patch: one row
     of weight 1 or the straight-through factor; a contextual token: its plan's members), so the
@@ -33,9 +35,10 @@ def assemble_output(
     (an empty slot is an empty bag, which sums to exactly 0).
     """
     batch, length, width = hidden.shape
-    n = length - 1
+    head = int(has_cls)  # rows before the first patch, and slots before the first dominant one
+    n = length - head
     slots = dominant_indices.shape[1]
-    t_max = 1 + slots + contextual.mask.shape[1]
+    t_max = head + slots + contextual.mask.shape[1]
     device = hidden.device
     image = torch.arange(batch, device=device).unsqueeze(1)
     first_bag, first_row = image * t_max, image * length
@@ -44,26 +47,23 @@ def assemble_output(
     used = dominant_indices < n
     safe = dominant_indices.clamp(max=n - 1)
     in_context = contextual.slot >= 0
-    bag = torch.cat(
-        [
-            first_bag,  # CLS
-            torch.where(used, first_bag + 1 + torch.arange(slots, device=device), unused),
-            torch.where(in_context, first_bag + 1 + slots + contextual.slot, unused),
-        ],
-        dim=1,
-    ).view(-1)
+    bags = [
+        torch.where(used, first_bag + head + torch.arange(slots, device=device), unused),
+        torch.where(in_context, first_bag + head + slots + contextual.slot, unused),
+    ]
     # Unused entries read row 0 with weight 0: the same cached row, no traffic.
-    row = torch.cat(
-        [
-            first_row,
-            torch.where(used, first_row + 1 + safe, 0),
-            torch.where(in_context, first_row + 1 + torch.arange(n, device=device), 0),
-        ],
-        dim=1,
-    ).view(-1)
+    rows = [
+        torch.where(used, first_row + head + safe, 0),
+        torch.where(in_context, first_row + head + torch.arange(n, device=device), 0),
+    ]
     ones = torch.ones(batch, 1, device=device)
     dominant_weight = ones.expand(batch, slots) if dominant_scale is None else dominant_scale.gather(1, safe).float()
-    weight = torch.cat([ones, dominant_weight, contextual.weight.float()], dim=1).view(-1)
+    weights = [dominant_weight, contextual.weight.float()]
+    if has_cls:
+        bags.insert(0, first_bag)
+        rows.insert(0, first_row)
+        weights.insert(0, ones)
+    bag, row, weight = (torch.cat(parts, dim=1).view(-1) for parts in (bags, rows, weights))
 
     order = bag.argsort(stable=True)  # grouped by output slot; patch order inside a slot
     counts = torch.zeros(unused + 1, dtype=torch.long, device=device).index_add_(0, bag, torch.ones_like(bag))
@@ -72,26 +72,21 @@ def assemble_output(
     tokens = F.embedding_bag(row[order], table, offsets, mode="sum", per_sample_weights=weight[order])
     tokens = tokens[:unused].view(batch, t_max, width).to(hidden.dtype)
 
-    cls_mask = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    mask = torch.cat([cls_mask, used, contextual.mask], dim=1)
-    positions = torch.cat(
-        [
-            torch.zeros(batch, 1, dtype=torch.long, device=device),
-            torch.where(used, safe, 0),
-            contextual_positions(contextual, n),
-        ],
-        dim=1,
-    )
+    masks = [used, contextual.mask]
+    positions = [torch.where(used, safe, 0), contextual_positions(contextual, n)]
+    if has_cls:
+        masks.insert(0, torch.ones(batch, 1, dtype=torch.bool, device=device))
+        positions.insert(0, torch.zeros(batch, 1, dtype=torch.long, device=device))
     return CompressionOutput(
         tokens=tokens,
-        mask=mask,
+        mask=torch.cat(masks, dim=1),
         kept_indices=torch.where(used, dominant_indices, -1),
         num_dominant=num_dominant,
         num_contextual=contextual.count,
         cluster_map=contextual.slot,
         scores=scores,
         expected_tokens=expected_tokens,
-        positions=positions,
+        positions=torch.cat(positions, dim=1),
     )
 
 

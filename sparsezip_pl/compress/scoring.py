@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import SparseZipConfig
+from .config import SparseZipOptions
 
 ZSCORE_EPS = 1e-6
 UNIT_EPS = 1e-12
@@ -223,7 +223,7 @@ class HybridScorer(nn.Module):
     projection gets one as soon as the gate moves).
     """
 
-    def __init__(self, config: SparseZipConfig, head_dim: int, text_dim: int | None):
+    def __init__(self, config: SparseZipOptions, head_dim: int, text_dim: int | None):
         super().__init__()
         self.config = config
         alphas = config.alphas
@@ -238,26 +238,28 @@ class HybridScorer(nn.Module):
 
     def forward(
         self,
-        queries: torch.Tensor,
+        attention: torch.Tensor,
         keys: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score the patches.
 
-        queries [S, B, h, d], keys [S, B, h, L, d] (any float dtype).
+        attention [S, B, h, N] the CLS row's attention to the patches per head (softmax over all
+        tokens, CLS column dropped; or the family's substitute), keys [S, B, h, N, d] the patch
+        keys (any float dtype).
         Returns ``scores`` [B, N] (float32, fused), ``attention`` [B, N] (gate-weighted CLS
         attention distribution over patches) and ``unit_keys`` [B, N, d] (the head-averaged
         patch keys of the first scoring layer, L2-normalized: what the merge clusters).
         """
         cfg = self.config
-        num_layers, batch = queries.shape[:2]
-        queries = queries.float().flatten(0, 1)  # [S*B, h, d]
-        keys = keys.float().flatten(0, 1)  # [S*B, h, L, d]
+        num_layers, batch = attention.shape[:2]
+        keys = keys.float().flatten(0, 1)  # [S*B, h, N, d]
 
-        attn = patch_attention(queries, keys)  # [S*B, N]
+        attn = attention.float().flatten(0, 1).mean(dim=-2)  # [S*B, N]
+        attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
         # Head-averaged patch keys; the hybrid terms need every layer's, the rest the first layer's.
-        mean_keys = (keys if cfg.hybrid_scoring else keys[:batch])[:, :, 1:].mean(dim=1)  # [S*B or B, N, d]
+        mean_keys = (keys if cfg.hybrid_scoring else keys[:batch]).mean(dim=1)  # [S*B or B, N, d]
         unit_keys = F.normalize(mean_keys, dim=-1, eps=UNIT_EPS)
         if cfg.hybrid_scoring:
             alphas = self.alphas.float()

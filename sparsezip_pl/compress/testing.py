@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .config import VisionCapture
+from .types import VisionCapture
 
 
 def random_capture(

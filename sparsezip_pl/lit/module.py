@@ -15,8 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 
-from sparsezip_pl.compress import SparseZipConfig
-from sparsezip_pl.compress.config import check_budget
+from sparsezip_pl.compress import CompressorConfig, Geometry, build_method
 from sparsezip_pl.data.answers import parse_mme_answer, parse_pope_answer
 from sparsezip_pl.data.common import ANSWER_SUFFIX, SkippedSample
 from sparsezip_pl.data.loader import CollatedBatch
@@ -100,7 +99,11 @@ class SparseZipModule(L.LightningModule):
             knows no other), the checkpoint's own dtype for llava-hf (float16 for the published
             ones); on a CPU it loads float32. ``float32``, ``bfloat16`` and ``float16`` load that
             dtype the stock way (``from_pretrained(dtype=...)``, float32 buffers kept).
-        compressor: the compression method and its settings.
+        compressor: the token-reduction method and its settings (``method``, ``budget`` and the
+            method's own section); the flat keys of earlier versions still read.
+        visual_positions: position ids of the kept tokens, ``contiguous`` (the published methods'
+            choice) or ``original`` (each token keeps its place in the stock sequence; see
+            :class:`~sparsezip_pl.models.CompressedLlava`).
         objective: ``lm`` (cross-entropy on answer tokens), ``distill`` (KL from the same
             frozen model fed all visual tokens, on answer positions; needs no labels beyond the
             answer positions) or ``mix`` (``(1 - distill_weight) * lm + distill_weight * distill``).
@@ -118,7 +121,8 @@ class SparseZipModule(L.LightningModule):
         backend: Literal["hf", "llava"] = "hf",
         model_path: str = "checkpoints/tiny-llava-synth",
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
-        compressor: SparseZipConfig = SparseZipConfig(),  # noqa: B008 (a frozen default, never mutated)
+        compressor: CompressorConfig = CompressorConfig(),  # noqa: B008 (a default never mutated)
+        visual_positions: Literal["contiguous", "original"] = "contiguous",
         objective: Objective = "distill",
         distill_weight: float = 0.5,
         distill_temperature: float = 1.0,
@@ -128,10 +132,17 @@ class SparseZipModule(L.LightningModule):
         optimizer: OptimizerFactory = _default_optimizer,
     ) -> None:
         super().__init__()
-        from sparsezip_pl.models.backend import vision_patch_count
+        from sparsezip_pl.models.families import get_family, vision_patch_count
 
         self.save_hyperparameters(ignore=["optimizer"])
+        compressor = CompressorConfig.coerce(compressor)
+        if compressor.visual_positions is not None:
+            warnings.warn("model.compressor.visual_positions is deprecated: use model.visual_positions",
+                          DeprecationWarning, stacklevel=2)
+            if visual_positions == "contiguous":
+                visual_positions = compressor.visual_positions
         self.compressor_config = compressor
+        self.visual_positions = visual_positions
         if objective not in ("lm", "distill", "mix"):
             raise ValueError(f"objective must be 'lm', 'distill' or 'mix', got {objective!r}")
         if budget_target is not None and budget_target <= 0:
@@ -139,7 +150,9 @@ class SparseZipModule(L.LightningModule):
         self.objective = objective
         self.optimizer_factory = optimizer
         # The model's config alone (no weights): a budget the tower cannot hold fails now.
-        check_budget(compressor, vision_patch_count(backend, model_path))
+        num_patches = vision_patch_count(backend, model_path)
+        build_method(compressor, Geometry(num_heads=1, head_dim=1, num_patches=num_patches, text_dim=1,
+                                          has_cls=get_family(backend).has_cls))
         self.backend = None
         self.model = None
         self.mme = MMEScore()
@@ -158,7 +171,7 @@ class SparseZipModule(L.LightningModule):
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             hparams = self.hparams
             self.backend = load_backend(hparams.backend, hparams.model_path, dtype=hparams.dtype, device=device)
-            self.model = CompressedLlava(self.backend, self.compressor_config)
+            self.model = CompressedLlava(self.backend, self.compressor_config, visual_positions=self.visual_positions)
         self._hand_collate_to_datamodule()
 
     def identity(self) -> dict[str, Any]:
@@ -174,6 +187,7 @@ class SparseZipModule(L.LightningModule):
             "dtype": hparams.dtype,
             "device": device,
             "compressor": dataclasses.asdict(self.compressor_config),
+            "visual_positions": self.visual_positions,
             "max_new_tokens": hparams.max_new_tokens,
             "prompt": {"answer_suffix": ANSWER_SUFFIX, "decoding": "greedy"},
         }
@@ -210,7 +224,7 @@ class SparseZipModule(L.LightningModule):
         patches = self.backend.num_patches
         compressor = self.model.compressor
         visual = compressor.output_length(patches) if hasattr(compressor, "output_length") else patches
-        if (mode == "train" and self.objective != "lm") or self.compressor_config.visual_positions == "original":
+        if (mode == "train" and self.objective != "lm") or self.visual_positions == "original":
             visual = max(visual, patches)
         new_tokens = self.hparams.max_new_tokens if mode == "generate" else 0
         return ContextLimit(positions, visual, new_tokens)

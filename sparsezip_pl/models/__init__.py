@@ -1,25 +1,40 @@
-"""LLaVA backends (transformers' Llava and the original ``llava`` code), capture, splicing, tiny models."""
+"""The model side: families (one file each in ``families/``), the vision-side capture, splicing
+compressed tokens into the LLM's input, the LLM-side hook point and tiny test checkpoints."""
 
-from sparsezip_pl.models.backend import (
-    LlavaBackend,
-    ModelNotAvailableError,
-    backend_from_model,
-    detect_family,
-    load_backend,
-)
-from sparsezip_pl.models.capture import encode_with_capture
 from sparsezip_pl.models.compressed import CompressedLlava, CompressedLlavaOutput
+from sparsezip_pl.models.families import (
+    ModelFamily,
+    detect_family,
+    family_from_model,
+    family_names,
+    get_family,
+    load_family,
+    register_family,
+    vision_patch_count,
+)
+from sparsezip_pl.models.loading import ModelNotAvailableError
 from sparsezip_pl.models.splice import SplicedInputs, splice_visual_tokens
+
+#: Names of earlier versions.
+LlavaBackend = ModelFamily
+load_backend = load_family
+backend_from_model = family_from_model
 
 __all__ = [
     "CompressedLlava",
     "CompressedLlavaOutput",
     "LlavaBackend",
+    "ModelFamily",
     "ModelNotAvailableError",
     "SplicedInputs",
     "backend_from_model",
     "detect_family",
-    "encode_with_capture",
+    "family_from_model",
+    "family_names",
+    "get_family",
     "load_backend",
+    "load_family",
+    "register_family",
     "splice_visual_tokens",
+    "vision_patch_count",
 ]

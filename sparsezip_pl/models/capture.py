@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsezip_pl.compress.config import VisionCapture
+from sparsezip_pl.compress.types import VisionCapture
 
 
 @dataclass

@@ -1,19 +1,24 @@
-"""A frozen LLaVA (either family) with a trainable SparseZip compressor between its tower and its LLM."""
+"""A frozen vision-language model (any registered family) with a token-reduction method between its
+vision tower and its LLM (vision side) or inside its decoder (LLM side)."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from sparsezip_pl.compress import SparseZipCompressor
+from sparsezip_pl.compress import CompressorConfig, Geometry, LLMMethod, build_method
 from sparsezip_pl.compress.baselines import compress_none
-from sparsezip_pl.compress.config import CompressionOutput, SparseZipConfig, VisionCapture
-from sparsezip_pl.models.backend import LlavaBackend
-from sparsezip_pl.models.capture import encode_with_capture
+from sparsezip_pl.compress.types import CompressionOutput, VisionCapture
+from sparsezip_pl.models.families.base import ModelFamily
+from sparsezip_pl.models.llm_hook import llm_pruning
 from sparsezip_pl.models.splice import SplicedInputs, splice_visual_tokens
+
+VisualPositions = Literal["contiguous", "original"]
+VISUAL_POSITIONS = ("contiguous", "original")
 
 
 @dataclass
@@ -33,37 +38,73 @@ class CompressedLlavaOutput:
     compression: CompressionOutput
 
 
-class CompressedLlava(nn.Module):
-    """``backend``'s frozen LLaVA whose image placeholders receive SparseZip-compressed visual tokens.
+def geometry_of(family: ModelFamily) -> Geometry:
+    """The vision geometry a method is built for."""
+    return Geometry(
+        num_heads=family.vision_num_heads,
+        head_dim=family.vision_head_dim,
+        width=family.vision_hidden_size,
+        num_patches=family.num_patches,
+        has_cls=family.has_cls,
+        text_dim=family.text_hidden_size,
+    )
 
-    Per batch: the tower runs up to its feature layer while hooks capture the scoring layers'
-    CLS queries and keys; the compressor turns each image into its own number of tokens (the
-    question's token embeddings reach it for text-aware scoring); the projector maps them into
-    the LLM; each sample's placeholder is replaced by exactly its real tokens. Only the
-    compressor has trainable parameters. ``compressor`` replaces the default
-    ``SparseZipCompressor(config, ...)``, e.g. for experiments with other token selectors.
+
+class CompressedLlava(nn.Module):
+    """``family``'s frozen model whose image placeholders receive compressed visual tokens.
+
+    Per batch: the family runs the tower up to its feature layer and captures what the method
+    reads (the scoring layers' CLS queries and keys, or the family's substitute attention); a
+    vision-side method turns each image into its own number of tokens (the question's token
+    embeddings reach it for text-aware scoring); the family projects them; each sample's
+    placeholder is replaced by exactly its real tokens. An LLM-side method (FastV, PyramidDrop)
+    instead prunes inside the decoder at prefill (:mod:`sparsezip_pl.models.llm_hook`). Only the
+    method has trainable parameters.
+
+    Args:
+        backend: the model family object (``load_family`` / ``family_from_model``).
+        config: the compressor (:class:`~sparsezip_pl.compress.CompressorConfig`, a dict, or the
+            flat ``SparseZipConfig`` of earlier versions).
+        compressor: a ready method module, in place of the one ``config`` names.
+        visual_positions: position ids of the kept tokens. ``contiguous`` (the published methods'
+            choice): one after another, so the text after the image moves up. ``original``:
+            each token keeps the position it had in the stock sequence (a merged token: its
+            members' centroid), and the text keeps its positions; the sequence is just as short.
+            None: the config's deprecated ``visual_positions``, else ``contiguous``.
     """
 
     def __init__(
-        self, backend: LlavaBackend, config: SparseZipConfig | None = None, compressor: nn.Module | None = None
+        self,
+        backend: ModelFamily,
+        config: Any = None,
+        compressor: nn.Module | None = None,
+        visual_positions: VisualPositions | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
         self.llava = backend.model
-        self.config = config or SparseZipConfig()
+        self.config = CompressorConfig.coerce(config if config is not None else CompressorConfig())
+        if visual_positions is None:
+            visual_positions = self.config.visual_positions or "contiguous"
+        if visual_positions not in VISUAL_POSITIONS:
+            raise ValueError(f"visual_positions must be one of {VISUAL_POSITIONS}, got {visual_positions!r}")
+        self.visual_positions = visual_positions
         if compressor is None:
-            compressor = SparseZipCompressor(
-                self.config,
-                backend.vision_num_heads,
-                backend.vision_head_dim,
-                text_dim=backend.text_hidden_size,
-                num_patches=backend.num_patches,
-            )
+            # Initial weights (e.g. a text projection) drawn from a generator of their own: the same
+            # config gives the same start wherever and whenever the model is built (one process or several).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(getattr(self.config.options(), "seed", 0))
+                compressor = build_method(self.config, geometry_of(backend))
         self.compressor = compressor.to(backend.device)
+
+    @property
+    def llm_side(self) -> bool:
+        """Whether the method prunes inside the LLM (then the vision side sends every patch)."""
+        return isinstance(self.compressor, LLMMethod)
 
     def train(self, mode: bool = True) -> CompressedLlava:
         super().train(mode)
-        self.llava.eval()  # the frozen LLaVA never runs dropout
+        self.llava.eval()  # the frozen model never runs dropout
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -74,38 +115,46 @@ class CompressedLlava(nn.Module):
         return torch.float32 if param is None or not param.is_floating_point() else param.dtype
 
     # ------------------------------------------------------------- pipeline
+    def _stock(self, method: str | None) -> bool:
+        if method is None:
+            return self.llm_side or self.config.method == "none"
+        if method not in ("none", self.config.method):
+            raise ValueError(f"method override must be 'none' or {self.config.method!r}, got {method!r}")
+        return method == "none" or self.llm_side
+
     def compress(
         self,
-        pixel_values: torch.Tensor,
+        batch: dict[str, Any] | torch.Tensor,
         method: str | None = None,
         text_embeds: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> CompressionOutput:
-        """Images [B, 3, H, W] -> compressed visual features (tower width, before the projector)."""
-        method = self._resolve_method(method)
-        stock = method == "none" and self.config.method != "none"
-        scoring_layers = [] if stock else list(self.config.layers)
-        with torch.no_grad():
-            capture = encode_with_capture(
-                self.backend.vision_tower,
-                self.backend.pixels_for_tower(pixel_values),
-                self.backend.feature_layer,
-                scoring_layers,
-            )
-        if stock:
-            return compress_none(capture.hidden)
-        dtype = self._compressor_dtype()
-        capture = VisionCapture(capture.hidden.to(dtype), capture.queries.to(dtype), capture.keys.to(dtype))
-        if text_embeds is not None:
-            text_embeds = text_embeds.detach().to(dtype)
-        return self.compressor(capture, text_embeds=text_embeds, text_mask=text_mask)
+        """A batch's images -> compressed visual features (before the projector).
 
-    def _resolve_method(self, method: str | None) -> str:
-        if method is None:
-            return self.config.method
-        if method not in ("none", self.config.method):
-            raise ValueError(f"method override must be 'none' or {self.config.method!r}, got {method!r}")
-        return method
+        ``batch`` is the family's batch dict (``pixel_values`` [B, 3, H, W] for LLaVA-1.5; a bare
+        pixel tensor is accepted too). ``method="none"`` runs the stock path (all patches).
+        """
+        if isinstance(batch, torch.Tensor):
+            batch = {"pixel_values": batch}
+        stock = self._stock(method)
+        scoring_layers = [] if stock else list(getattr(self.compressor, "scoring_layers", []))
+        with torch.no_grad():
+            capture = self.backend.encode_images(batch, scoring_layers)
+        if stock:
+            return compress_none(capture.patches())
+        dtype = self._compressor_dtype()
+        capture = VisionCapture(
+            hidden=capture.hidden.to(dtype),
+            queries=None if capture.queries is None else capture.queries.to(dtype),
+            keys=None if capture.keys is None else capture.keys.to(dtype),
+            attention=None if capture.attention is None else capture.attention.to(dtype),
+            has_cls=capture.has_cls,
+            grid=capture.grid,
+            text_embeds=None if text_embeds is None else text_embeds.detach().to(dtype),
+            text_mask=text_mask,
+            project=self.backend.project if getattr(self.compressor, "needs_projected", False) else None,
+        )
+        return self.compressor(capture)
 
     def prepare_inputs(
         self, batch: dict[str, Any], method: str | None = None
@@ -116,7 +165,7 @@ class CompressedLlava(nn.Module):
         question_mask = None if question_mask is None else question_mask.to(input_ids.device).bool()
         with torch.no_grad():
             text_embeds = self.backend.embed_tokens(input_ids)
-        compression = self.compress(batch["pixel_values"], method, text_embeds, question_mask)
+        compression = self.compress(batch, method, text_embeds, question_mask)
         return self.splice(batch, compression, text_embeds), compression
 
     def splice(
@@ -132,18 +181,19 @@ class CompressedLlava(nn.Module):
         if text_embeds is None:
             with torch.no_grad():
                 text_embeds = self.backend.embed_tokens(input_ids)
-        original = self.config.visual_positions == "original"
+        tokens, mask, offsets, span = self.backend.visual_inputs(compression)
+        original = self.visual_positions == "original"
         return splice_visual_tokens(
             text_embeds,
             input_ids,
             attention_mask,
             self.backend.image_token_id,
-            self.backend.project(compression.tokens),
-            compression.mask,
+            tokens,
+            mask,
             has_image=None if has_image is None else has_image.to(device),
             labels=None if labels is None else labels.to(device),
-            visual_positions=compression.positions if original else None,
-            image_span=self.backend.num_patches if original else None,
+            visual_positions=offsets if original else None,
+            image_span=span if original else None,
         )
 
     def forward(self, batch: dict[str, Any], method: str | None = None) -> CompressedLlavaOutput:
@@ -152,9 +202,10 @@ class CompressedLlava(nn.Module):
         ``method="none"`` runs the stock path (all patches), e.g. for a distillation teacher.
         """
         spliced, compression = self.prepare_inputs(batch, method)
-        output = self.backend.language_model(
-            spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids, labels=spliced.labels
-        )
+        with self._pruning(spliced, method):
+            output = self.backend.language_model(
+                spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids, labels=spliced.labels
+            )
         return CompressedLlavaOutput(
             logits=output.logits,
             loss=getattr(output, "loss", None),
@@ -171,11 +222,18 @@ class CompressedLlava(nn.Module):
     ) -> tuple[torch.Tensor, CompressionOutput]:
         """Greedy decoding (by default) after the compressed prefill: new ids [B, new] and the compression."""
         spliced, compression = self.prepare_inputs(batch, method)
-        if self.config.visual_positions == "original":
+        if self.visual_positions == "original":
             # Decoding continues from the last prompt position + 1 (transformers' generate extends
             # given position ids); the default, from the attention mask, would count real tokens.
             kwargs.setdefault("position_ids", spliced.position_ids)
-        generated = self.backend.generate(
-            spliced.inputs_embeds, spliced.attention_mask, max_new_tokens=max_new_tokens, **kwargs
-        )
+        with self._pruning(spliced, method):
+            generated = self.backend.generate(
+                spliced.inputs_embeds, spliced.attention_mask, max_new_tokens=max_new_tokens, **kwargs
+            )
         return generated, compression
+
+    def _pruning(self, spliced: SplicedInputs, method: str | None):
+        """The LLM-side method's hooks for the duration of a call (nothing for vision-side methods)."""
+        if not self.llm_side or method == "none":
+            return nullcontext()
+        return llm_pruning(self.backend, self.compressor, spliced.visual_mask, spliced.attention_mask.bool())

@@ -1,4 +1,5 @@
-"""Backend for transformers' ``LlavaForConditionalGeneration`` (llava-hf/llava-1.5-*-hf)."""
+"""``hf``: transformers' ``LlavaForConditionalGeneration`` (llava-hf/llava-1.5-7b-hf, -13b-hf, or a
+folder of the same layout, like the embedded tiny demo model)."""
 
 from __future__ import annotations
 
@@ -6,25 +7,18 @@ import os
 
 import torch
 
-from sparsezip_pl.models.backend import (
-    BatchMode,
-    LlavaBackend,
-    freeze,
-    is_offline,
-    resolve_pretrained,
-    torch_dtype,
-)
 from sparsezip_pl.models.batching import BatchBuilder, ChatTemplateFormat, ImagePreprocessor, Tokenization
+from sparsezip_pl.models.families.base import BatchMode, ModelFamily, register_family
+from sparsezip_pl.models.loading import freeze, is_offline, resolve_pretrained, torch_dtype
 
 
-class HFLlavaBackend(LlavaBackend):
+@register_family("hf", aliases=("llava-hf", "llava_hf"))
+class HFLlavaBackend(ModelFamily):
     """transformers' Llava: processor + chat template, ``<image>`` placeholder, ``vision_feature_*`` config.
 
     ``processor`` is the model's ``LlavaProcessor`` (its tokenizer, image processor and chat
     template are used); it may be None when the backend only serves already built inputs.
     """
-
-    family = "hf"
 
     def __init__(self, model, tokenizer=None, image_processor=None, processor=None) -> None:
         self.processor = processor
@@ -34,6 +28,18 @@ class HFLlavaBackend(LlavaBackend):
         super().__init__(model, tokenizer, image_processor)
         if not isinstance(model.config.vision_feature_layer, int):
             raise NotImplementedError("several vision feature layers (concatenated features) are not supported")
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava"
+
+    @classmethod
+    def patch_count(cls, model_path: str | os.PathLike) -> int:
+        from transformers import AutoConfig
+
+        path = resolve_pretrained(model_path, "LLaVA checkpoint (transformers)")
+        vision = AutoConfig.from_pretrained(path, local_files_only=is_offline()).vision_config
+        return (vision.image_size // vision.patch_size) ** 2
 
     @classmethod
     def from_pretrained(
@@ -73,6 +79,19 @@ class HFLlavaBackend(LlavaBackend):
     def image_token_id(self) -> int:
         config = self.model.config
         return getattr(config, "image_token_id", None) or config.image_token_index
+
+    def batch_from_stock_inputs(self, input_ids, attention_mask, images, **extra):
+        """The processor wrote N placeholders per image; the first of each run stands for it."""
+        input_ids = input_ids.to(self.device)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
+        is_image = (input_ids == self.image_token_id) & real
+        first = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        runs = first.sum(1)
+        if bool((runs > 1).any()):
+            raise NotImplementedError("more than one image per sample is not supported")
+        if bool(((is_image.sum(1) != self.num_patches) & (runs == 1)).any()):
+            raise ValueError(f"each image needs {self.num_patches} consecutive {self.image_token_id} placeholders")
+        return self._pack_stock_inputs(input_ids, real, real & (~is_image | first), runs == 1, images)
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:

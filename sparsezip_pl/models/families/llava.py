@@ -1,4 +1,4 @@
-"""Backend for the original LLaVA code (PyPI ``llava-torch``, imported as ``llava``; liuhaotian/llava-v1.5-*).
+"""``llava``: the original LLaVA code (PyPI ``llava-torch``, imported as ``llava``; liuhaotian/llava-v1.5-*).
 
 ``llava`` is imported lazily, so users of the transformers backend never need it.
 """
@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 
-from sparsezip_pl.models.backend import (
-    BatchMode,
-    LlavaBackend,
+from sparsezip_pl.models.batching import BatchBuilder, ConversationFormat, ImagePreprocessor, Tokenization
+from sparsezip_pl.models.families.base import BatchMode, ModelFamily, register_family
+from sparsezip_pl.models.loading import (
     ModelNotAvailableError,
     freeze,
     is_offline,
     resolve_dtype,
     resolve_pretrained,
 )
-from sparsezip_pl.models.batching import BatchBuilder, ConversationFormat, ImagePreprocessor, Tokenization
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants.IMAGE_TOKEN_INDEX
 
@@ -68,10 +67,9 @@ def cache_kwarg_compat(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         handle.remove()
 
 
-class OriginalLlavaBackend(LlavaBackend):
+@register_family("llava", aliases=("llava-original",))
+class OriginalLlavaBackend(ModelFamily):
     """The original code's ``LlavaLlamaForCausalLM``: ``vicuna_v1`` template, -200 placeholder, ``pad`` images."""
-
-    family = "llava"
 
     def __init__(self, model, tokenizer=None, image_processor=None, conv_template: str = "vicuna_v1") -> None:
         wrapper = model.get_vision_tower()
@@ -80,6 +78,29 @@ class OriginalLlavaBackend(LlavaBackend):
         image_processor = image_processor or getattr(wrapper, "image_processor", None)
         self.conv_template = conv_template
         super().__init__(model, tokenizer, image_processor)
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return hasattr(model, "prepare_inputs_labels_for_multimodal") or type(model).__module__.startswith("llava.")
+
+    @classmethod
+    def patch_count(cls, model_path: str | os.PathLike) -> int:
+        import json
+
+        from huggingface_hub import hf_hub_download
+        from transformers import CLIPVisionConfig
+
+        path = resolve_pretrained(model_path, "LLaVA checkpoint (original llava code)")
+        folder = Path(path)
+        config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(path, "config.json"))
+        tower = json.loads(config_file.read_text(encoding="utf-8")).get("mm_vision_tower")
+        if tower is None:
+            raise ValueError(f"{config_file}: no 'mm_vision_tower' (is this an original LLaVA checkpoint?)")
+        if folder.is_dir() and not Path(tower).is_absolute() and (folder / tower).is_dir():
+            tower = str(folder / tower)
+        vision = CLIPVisionConfig.from_pretrained(resolve_pretrained(tower, f"vision tower of {model_path}"),
+                                                  local_files_only=is_offline())
+        return (vision.image_size // vision.patch_size) ** 2
 
     @classmethod
     def from_pretrained(
@@ -176,6 +197,15 @@ class OriginalLlavaBackend(LlavaBackend):
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> torch.Tensor:
         with cache_kwarg_compat(self.model):
             return super().generate(inputs_embeds, attention_mask, **kwargs)
+
+    stock_generate_returns_prompt = False  # the original generate returns the new ids only
+
+    def batch_from_stock_inputs(self, input_ids, attention_mask, images, **extra):
+        """One -200 placeholder per image already; the original code pads on the right."""
+        input_ids = input_ids.to(self.device)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
+        has_image = ((input_ids == self.image_token_id) & real).any(1)
+        return self._pack_stock_inputs(input_ids, real, real, has_image, images)
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:
