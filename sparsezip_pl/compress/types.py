@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,10 @@ class VisionCapture:
     text_mask: [B, T] bool, the valid question tokens.
     project: the projector (features [..., C] -> LLM input space [..., D]), for methods that score
              tokens in the space the LLM reads (DivPrune, CDPruner); None when not needed.
+    sample_index: [B] long, the sample each row belongs to, when a family sends several rows per
+             sample (the views of a tiled image, compressed one by one); None: row b is sample b.
+    layout:  what the family needs to turn the rows' compressed tokens back into each sample's
+             visual sequence (views, crop grids, newline tokens); opaque to methods.
     S is the number of scoring layers, in the order the method's config lists them.
     """
 
@@ -51,6 +56,8 @@ class VisionCapture:
     text_embeds: torch.Tensor | None = None
     text_mask: torch.Tensor | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sample_index: torch.Tensor | None = None
+    layout: Any = None
 
     @property
     def num_patches(self) -> int:

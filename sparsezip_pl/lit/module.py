@@ -221,9 +221,9 @@ class SparseZipModule(L.LightningModule):
         positions = llm_context_length(self.backend.model, self.backend.tokenizer)
         if positions is None:
             return None
-        patches = self.backend.num_patches
+        patches = self.backend.max_stock_tokens
         compressor = self.model.compressor
-        visual = compressor.output_length(patches) if hasattr(compressor, "output_length") else patches
+        visual = compressor.output_length(self.backend.num_patches) if hasattr(compressor, "output_length") else patches
         if (mode == "train" and self.objective != "lm") or self.visual_positions == "original":
             visual = max(visual, patches)
         new_tokens = self.hparams.max_new_tokens if mode == "generate" else 0

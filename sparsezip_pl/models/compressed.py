@@ -89,6 +89,7 @@ class CompressedLlava(nn.Module):
         if visual_positions not in VISUAL_POSITIONS:
             raise ValueError(f"visual_positions must be one of {VISUAL_POSITIONS}, got {visual_positions!r}")
         self.visual_positions = visual_positions
+        self._layout = None  # the family's layout of the last batch's images (tiled families)
         if compressor is None:
             # Initial weights (e.g. a text projection) drawn from a generator of their own: the same
             # config gives the same start wherever and whenever the model is built (one process or several).
@@ -140,9 +141,14 @@ class CompressedLlava(nn.Module):
         scoring_layers = [] if stock else list(getattr(self.compressor, "scoring_layers", []))
         with torch.no_grad():
             capture = self.backend.encode_images(batch, scoring_layers)
+        self._layout = capture.layout
         if stock:
             return compress_none(capture.patches())
         dtype = self._compressor_dtype()
+        if capture.sample_index is not None and text_embeds is not None:
+            # Several rows per sample (the views of a tiled image): each row reads its sample's question.
+            text_embeds = text_embeds[capture.sample_index]
+            text_mask = None if text_mask is None else text_mask[capture.sample_index]
         capture = VisionCapture(
             hidden=capture.hidden.to(dtype),
             queries=None if capture.queries is None else capture.queries.to(dtype),
@@ -153,6 +159,8 @@ class CompressedLlava(nn.Module):
             text_embeds=None if text_embeds is None else text_embeds.detach().to(dtype),
             text_mask=text_mask,
             project=self.backend.project if getattr(self.compressor, "needs_projected", False) else None,
+            sample_index=capture.sample_index,
+            layout=capture.layout,
         )
         return self.compressor(capture)
 
@@ -181,7 +189,7 @@ class CompressedLlava(nn.Module):
         if text_embeds is None:
             with torch.no_grad():
                 text_embeds = self.backend.embed_tokens(input_ids)
-        tokens, mask, offsets, span = self.backend.visual_inputs(compression)
+        tokens, mask, offsets, span = self.backend.visual_inputs(compression, self._layout)
         original = self.visual_positions == "original"
         return splice_visual_tokens(
             text_embeds,

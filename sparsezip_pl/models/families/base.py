@@ -206,10 +206,11 @@ class ModelFamily:
         return encode_with_capture(self.vision_tower, self.pixels_for_tower(batch["pixel_values"]),
                                    self.feature_layer, scoring_layers)
 
-    def visual_inputs(self, compression: CompressionOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """What the LLM receives per image: the projected tokens [B, V, D], their mask [B, V],
+    def visual_inputs(self, compression: CompressionOutput, layout: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor]:
+        """What the LLM receives per sample: the projected tokens [B, V, D], their mask [B, V],
         their position offsets inside the image's stock span [B, V] (for original positions) and
-        that span (the stock visual token count)."""
+        that span (the stock visual token count; an int, or [B] when it varies per sample).
+        ``layout`` is the one the family put on the capture (tiled families reassemble views)."""
         return self.project(compression.tokens), compression.mask, compression.positions, self.num_patches
 
     # ------------------------------------------------- the stock model's own inputs (api.py)
@@ -250,6 +251,12 @@ class ModelFamily:
             "pixel_values": pixel_values,
             "has_image": has_image,
         }
+
+    @property
+    def max_stock_tokens(self) -> int:
+        """The most visual tokens the stock model gives one image (the prompt-length check's bound):
+        N for a single-view family; tiled families (many views per image) override it."""
+        return self.num_patches
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers (the LLM-side hook point)."""
