@@ -51,7 +51,7 @@ def _config(tmp_path: Path, name: str, model_path: str, data: dict, **extra) -> 
 
 def _eval_data(world) -> dict:
     return {
-        "class_path": "sparsezip_pl.data.datamodules.EvalDataModule",
+        "class_path": "sparsezip_pl.lit.datamodules.EvalDataModule",
         "init_args": {
             "mme_root": world["mme_root"],
             "pope_source": world["pope_root"],
@@ -63,7 +63,7 @@ def _eval_data(world) -> dict:
 
 def _fit(tmp_path, world, tiny_model, steps=3):
     data = {
-        "class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+        "class_path": "sparsezip_pl.lit.datamodules.InstructDataModule",
         "init_args": {"train_source": world["instruct_json"], "batch_size": 4},
     }
     config = _config(
@@ -98,7 +98,7 @@ def test_fit_trains_only_the_compressor_and_saves_a_loadable_checkpoint(tmp_path
 
 def test_fit_validates_on_a_benchmark_and_keeps_the_best_compressor(tmp_path, world, tiny_model):
     data = {
-        "class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+        "class_path": "sparsezip_pl.lit.datamodules.InstructDataModule",
         "init_args": {"train_source": world["instruct_json"], "batch_size": 4, "val_benchmark": _eval_data(world)},
     }
     # the README's recipe: the best compressor by validation, and last.ckpt from an unmonitored callback
@@ -248,7 +248,7 @@ def test_predict_writes_the_official_files(tmp_path, world, tiny_model):
 
 def test_lightning_and_python_api_give_identical_answers(world, tiny_model):
     from sparsezip_pl.api import sparsezip
-    from sparsezip_pl.data.datamodules import MMEDataModule
+    from sparsezip_pl.lit.datamodules import MMEDataModule
 
     module = SparseZipModule(model_path=tiny_model, compressor=COMPRESSOR_CONFIG, max_new_tokens=4)
     module.configure_model()

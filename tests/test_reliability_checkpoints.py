@@ -38,7 +38,7 @@ def _fit_config(tmp_path: Path, name: str, tiny_model: str, train_source: str, l
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True,
                                                  "every_n_train_steps": 1, "save_top_k": -1}}]},
-        "data": {"class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+        "data": {"class_path": "sparsezip_pl.lit.datamodules.InstructDataModule",
                  "init_args": {"train_source": train_source, "batch_size": 2}},
     }
     path = tmp_path / f"{name}.yaml"
@@ -51,7 +51,7 @@ def _eval_config(tmp_path: Path, name: str, tiny_model: str, world) -> str:
         "model": {"backend": "hf", "model_path": tiny_model, "compressor": COMPRESSOR, "max_new_tokens": 2},
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "logger": False,
                     "default_root_dir": str(tmp_path / name)},
-        "data": {"class_path": "sparsezip_pl.data.datamodules.MMEDataModule",
+        "data": {"class_path": "sparsezip_pl.lit.datamodules.MMEDataModule",
                  "init_args": {"root": world["mme_root"], "max_per_category": 1}},
     }
     path = tmp_path / f"{name}.yaml"

@@ -110,7 +110,7 @@ def _test_config(tmp_path, tiny_model, folder, images, on_error) -> str:
         "model": {"backend": "hf", "model_path": tiny_model, "compressor": COMPRESSOR, "max_new_tokens": 3},
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
                     "logger": False, "default_root_dir": str(tmp_path / on_error)},
-        "data": {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+        "data": {"class_path": "sparsezip_pl.lit.datamodules.POPEDataModule",
                  "init_args": {"source": str(folder), "image_dir": str(images), "batch_size": 2, "on_error": on_error}},
     }
     path = tmp_path / f"{on_error}.yaml"
@@ -178,7 +178,7 @@ def _checked_config(tmp_path, tiny_model, data: dict) -> str:
 
 def test_a_data_path_typo_fails_before_the_weights_load(tmp_path, tiny_model, no_weights):
     folder, images = write_pope_files(tmp_path)
-    data = {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+    data = {"class_path": "sparsezip_pl.lit.datamodules.POPEDataModule",
             "init_args": {"source": str(folder) + "-typo", "image_dir": str(images)}}
     with pytest.raises(ValueError, match="pope-typo: not a POPE source"):
         main(["test", "--config", _checked_config(tmp_path, tiny_model, data)])
@@ -188,7 +188,7 @@ def test_an_unreadable_first_image_fails_before_the_weights_load(tmp_path, tiny_
     folder, images = write_pope_files(tmp_path)
     first = json.loads((folder / "coco_pope_random.json").read_text().splitlines()[0])["image"]
     (images / first).write_bytes(b"not an image")
-    data = {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+    data = {"class_path": "sparsezip_pl.lit.datamodules.POPEDataModule",
             "init_args": {"source": str(folder), "image_dir": str(images), "splits": ["random"]}}
     with pytest.raises(ValueError, match=f"sample random/1: image .*{first}: cannot decode"):
         main(["test", "--config", _checked_config(tmp_path, tiny_model, data)])

@@ -50,7 +50,7 @@ def _config(tmp_path: Path, name: str, data: dict, predictions: Path | None = No
 
 
 def _pope(world, splits=("random",), **extra) -> dict:
-    return {"class_path": "sparsezip_pl.data.datamodules.POPEDataModule",
+    return {"class_path": "sparsezip_pl.lit.datamodules.POPEDataModule",
             "init_args": {"source": world["pope_root"], "image_dir": world["pope_image_folder"],
                           "splits": list(splits), "batch_size": 4, **extra}}
 
@@ -105,7 +105,7 @@ class PredictionRecords:
 
 
 def test_mme_files_keep_the_source_order(tmp_path, world):
-    data = {"class_path": "sparsezip_pl.data.datamodules.MMEDataModule",
+    data = {"class_path": "sparsezip_pl.lit.datamodules.MMEDataModule",
             "init_args": {"root": world["mme_root"], "subtasks": ["count"], "batch_size": 3}}
     folder = tmp_path / "mme-answers"
     main(["test", "--config", _config(tmp_path, "mme", data, folder)])
@@ -208,11 +208,11 @@ def test_skips_are_recorded_in_fit_and_validate_too(tmp_path, world):
         target = broken / record["image"]
         target.write_bytes(b"broken" if i == 0 else (instruct.parent / record["image"]).read_bytes())
     (broken / "data.json").write_text(json.dumps(records))
-    data = {"class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+    data = {"class_path": "sparsezip_pl.lit.datamodules.InstructDataModule",
             "init_args": {"train_source": str(broken / "data.json"), "batch_size": 2, "on_error": "skip",
                           "shuffle": False}}
-    config = _config(tmp_path, "fit", data, model={"compressor": {**VISIONZIP, "dominant": 8, "merging": {"contextual_num": 2}}},
-                     trainer={"max_steps": 1})
+    sparsezip = {"method": "sparsezip", "sparsezip": {"k_min": 2, "k_max": 12, "merging": {"contextual_num": 4}}}
+    config = _config(tmp_path, "fit", data, model={"compressor": sparsezip}, trainer={"max_steps": 1})
     main(["fit", "--config", config])
     record = json.loads((tmp_path / "fit" / RECORD_NAME).read_text())
     assert record["status"] == "finished"

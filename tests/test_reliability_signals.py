@@ -49,7 +49,7 @@ def _test_config(world, tiny_model, run_dir: Path, predictions: Path, callbacks=
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
                     "logger": False, "default_root_dir": str(run_dir), "callbacks": list(callbacks)},
         "predictions": {"output_dir": str(predictions)},
-        "data": {"class_path": "sparsezip_pl.data.datamodules.EvalDataModule",
+        "data": {"class_path": "sparsezip_pl.lit.datamodules.EvalDataModule",
                  "init_args": {"mme_root": world["mme_root"], "pope_source": world["pope_root"],
                                "pope_image_dir": world["pope_image_folder"], "batch_size": 2,
                                "max_per_category": 1}},
@@ -91,7 +91,7 @@ def test_a_stopped_fit_saves_a_checkpoint_exits_non_zero_and_resumes(tmp_path, w
             "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
                         "logger": False, "default_root_dir": str(tmp_path / "fit"), "max_steps": 4,
                         "callbacks": [checkpoint, *callbacks]},
-            "data": {"class_path": "sparsezip_pl.data.datamodules.InstructDataModule",
+            "data": {"class_path": "sparsezip_pl.lit.datamodules.InstructDataModule",
                      "init_args": {"train_source": world["instruct_json"], "batch_size": 2}},
         }
 

@@ -120,6 +120,10 @@ class SkipCountingDataLoader(DataLoader):
 
     @property
     def _index_sampler(self) -> Any:
+        # DataLoader's private hook for the (batch) sampler its iterators draw from: the one place
+        # that sees the sampler Lightning injects under DDP, so a resumed pass can skip what was
+        # drawn (torch has no public resumable DataLoader; tests/test_private_apis.py breaks if it
+        # is renamed, tests/test_reliability_resume.py checks the behaviour).
         return _ResumableIndexSampler(self, super()._index_sampler)
 
     def state_dict(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def dev_args(world: dict) -> list[str]:
     """The fit's validation data: the development world's MME and POPE files."""
     prefix = "--data.init_args.val_benchmark.init_args"
     return [
-        "--data.init_args.val_benchmark=sparsezip_pl.data.datamodules.EvalDataModule",
+        "--data.init_args.val_benchmark=sparsezip_pl.lit.datamodules.EvalDataModule",
         f"{prefix}.mme_root={world['mme_root']}",
         f"{prefix}.pope_source={world['pope_root']}",
         f"{prefix}.pope_image_dir={world['pope_image_folder']}",

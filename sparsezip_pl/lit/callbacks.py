@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sparsezip_pl.data.mme import write_mme_export
+from sparsezip_pl.benchmarks import get_benchmark
 from sparsezip_pl.lit.run_folder import RunFolder, RunFolderError
 
 STAGES = ("train", "validate", "test", "predict")
@@ -52,24 +52,60 @@ def _all_gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
     return gathered
 
 
-def llm_parameter_count(backend) -> int:
-    """Parameters the LLM applies to every prefilled token: all of LLaVA's minus the vision tower,
-    the projector and the input and output embedding tables."""
-    model = backend.model
-    excluded = {id(p) for module in (backend.vision_tower, backend.projector) for p in module.parameters()}
-    for table in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if table is not None:
-            excluded.update(id(p) for p in table.parameters())
-    return sum(p.numel() for p in model.parameters() if id(p) not in excluded)
+def budget_summary(tokens: torch.Tensor, dominant: torch.Tensor, stock: torch.Tensor, llm_parameters: int) -> dict[str, float]:
+    """Visual tokens per image (mean, min, max), K, compression ratio and the LLM prefill FLOPs saved
+    per image, from per-image counts: ``tokens`` the LLM saw, ``dominant`` kept patches (may be
+    empty), ``stock`` what the stock model would have sent.
+
+    FLOPs saved are estimated as ``2 * P * removed_tokens``, with ``P`` the LLM's parameters
+    outside the embedding tables; attention's quadratic term is left out, so it is a lower bound.
+    """
+    tokens, stock = tokens.double(), stock.double()
+    removed = (stock - tokens).clamp(min=0)
+    stats = {
+        "tokens_mean": tokens.mean().item(),
+        "tokens_min": tokens.min().item(),
+        "tokens_max": tokens.max().item(),
+        "compression_ratio": (tokens.sum() / stock.sum().clamp(min=1)).item(),
+        "prefill_gflops_saved_per_image": (2 * llm_parameters * removed.mean() / 1e9).item(),
+    }
+    if dominant.numel():
+        stats["k_mean"] = dominant.double().mean().item()
+    return stats
+
+
+class _RecordCounts:
+    """Per sample id, the visual tokens an evaluation gave it; gathered over processes once."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, tuple[int, int | None, int]] = {}
+
+    def add(self, outputs: Any) -> None:
+        if isinstance(outputs, dict):
+            for record in outputs.get("records") or []:
+                if "visual_tokens" in record:
+                    self.samples[record["sample_id"]] = (
+                        record["visual_tokens"], record.get("dominant_tokens"), record.get("stock_visual_tokens", 0))
+
+    def merged(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(tokens, dominant, stock) over all processes, each sample once; None if none was seen.
+        Collective under DDP."""
+        merged: dict[str, tuple] = {}
+        for part in _all_gather_objects(trainer, self.samples):
+            for sample_id, counts in part.items():
+                merged.setdefault(sample_id, counts)
+        self.samples = {}
+        if not merged:
+            return None
+        tokens = torch.tensor([t for t, _, _ in merged.values()])
+        dominant = torch.tensor([k for _, k, _ in merged.values() if k is not None], dtype=torch.long)
+        stock = torch.tensor([n for _, _, n in merged.values()])
+        return tokens, dominant, stock
 
 
 class TokenBudgetLogger(L.Callback):
-    """Logs visual tokens per image (mean, min, max, histogram), K, compression ratio, and
-    the LLM prefill FLOPs saved per image.
-
-    FLOPs saved are estimated as ``2 * P * removed_tokens``, with ``P`` the LLM's parameters
-    outside the embedding table and ``removed_tokens = N - T_b`` the visual tokens the image no
-    longer sends; attention's quadratic term is left out, so the figure is a lower bound.
+    """Logs visual tokens per image (mean, min, max, histograms), K, compression ratio and the LLM
+    prefill FLOPs saved per image (:func:`budget_summary`) to the loggers and TensorBoard.
 
     Evaluation figures come from the answered records, per sample id: samples answered by an
     earlier, interrupted run count too, and under DDP the processes' records are gathered and
@@ -78,91 +114,64 @@ class TokenBudgetLogger(L.Callback):
 
     def __init__(self, train_log_every_n_steps: int = 10) -> None:
         self.train_log_every_n_steps = train_log_every_n_steps
+        self._records = _RecordCounts()
         self._tokens: list[torch.Tensor] = []
         self._dominant: list[torch.Tensor] = []
-        self._samples: dict[str, tuple[int, int | None]] = {}
-        self._num_patches = 0
+        self._stock: list[torch.Tensor] = []
         self._llm_params: int | None = None
 
     def _llm_parameters(self, pl_module) -> int:
         if self._llm_params is None:
-            self._llm_params = llm_parameter_count(pl_module.backend)
+            self._llm_params = pl_module.llm_parameter_count()
         return self._llm_params
 
-    def _collect(self, outputs: Any) -> None:
-        if not isinstance(outputs, dict):
+    def _collect_training(self, outputs: Any) -> None:
+        compression = outputs.get("compression") if isinstance(outputs, dict) else None
+        if compression is None:
             return
-        if outputs.get("records") is not None:
-            for record in outputs["records"]:
-                if "visual_tokens" in record:
-                    self._samples[record["sample_id"]] = (record["visual_tokens"], record.get("dominant_tokens"))
-            if outputs.get("compression") is not None:
-                self._num_patches = outputs["compression"].cluster_map.shape[1]
-            return
-        if outputs.get("compression") is None:
-            return
-        compression = outputs["compression"]
-        self._num_patches = compression.cluster_map.shape[1]
         self._tokens.append(compression.num_tokens.detach().cpu())
         self._dominant.append(compression.num_dominant.detach().cpu())
-
-    def _summary(self, tokens: torch.Tensor, dominant: torch.Tensor, pl_module) -> dict[str, float]:
-        tokens = tokens.float()
-        num_patches = self._num_patches or getattr(getattr(pl_module, "backend", None), "num_patches", 0)
-        removed = (num_patches - tokens).clamp(min=0)
-        stats = {
-            "tokens_mean": tokens.mean().item(),
-            "tokens_min": tokens.min().item(),
-            "tokens_max": tokens.max().item(),
-            "compression_ratio": (tokens.mean() / max(num_patches, 1)).item(),
-            "prefill_gflops_saved_per_image": (2 * self._llm_parameters(pl_module) * removed.mean() / 1e9).item(),
-        }
-        if dominant.numel():
-            stats["k_mean"] = dominant.float().mean().item()
-        return stats
+        self._stock.append(torch.full_like(self._tokens[-1], compression.num_patches))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._collect(outputs)
+        self._collect_training(outputs)
         if self._tokens and (trainer.global_step % self.train_log_every_n_steps == 0):
-            stats = self._summary(self._tokens[-1], self._dominant[-1], pl_module)
+            stats = budget_summary(self._tokens[-1], self._dominant[-1], self._stock[-1], self._llm_parameters(pl_module))
             pl_module.log_dict({f"budget/train_{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         self._tokens.clear()
         self._dominant.clear()
+        self._stock.clear()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs)
+        if isinstance(outputs, dict) and outputs.get("records") is not None:
+            self._records.add(outputs)
+        else:
+            self._collect_training(outputs)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs)
+        self._records.add(outputs)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._collect(outputs)
+        self._records.add(outputs)
 
     def _flush(self, trainer, pl_module, stage: str) -> None:
-        if stage != "val" or self._samples:  # test / predict batches always carry records
-            merged: dict[str, tuple[int, int | None]] = {}
-            for samples in _all_gather_objects(trainer, self._samples):
-                for sample_id, counts in samples.items():
-                    merged.setdefault(sample_id, counts)
-            self._samples = {}
-            if not merged:
-                return
-            tokens = torch.tensor([t for t, _ in merged.values()])
-            dominant = torch.tensor([k for _, k in merged.values() if k is not None], dtype=torch.long)
-        elif self._tokens:
-            tokens, dominant = torch.cat(self._tokens), torch.cat(self._dominant)
-        else:
-            return
+        counts = self._records.merged(trainer)  # collective
+        if counts is None and self._tokens:
+            counts = torch.cat(self._tokens), torch.cat(self._dominant), torch.cat(self._stock)
         self._tokens.clear()
         self._dominant.clear()
-        stats = self._summary(tokens, dominant, pl_module)
-        pl_module.budget_stats = stats
+        self._stock.clear()
+        if counts is None:
+            return
+        tokens, dominant, stock = counts
+        stats = budget_summary(tokens, dominant, stock, self._llm_parameters(pl_module))
         if stage != "predict":
             pl_module.log_dict({f"budget/{stage}_{k}": v for k, v in stats.items()})
         writer = _tensorboard(trainer)
         if writer is not None and trainer.is_global_zero:
             writer.add_histogram(f"budget/{stage}_tokens_per_image", tokens, trainer.global_step)
-            writer.add_histogram(f"budget/{stage}_k_per_image", dominant, trainer.global_step)
+            if dominant.numel():
+                writer.add_histogram(f"budget/{stage}_k_per_image", dominant, trainer.global_step)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self._flush(trainer, pl_module, "val")
@@ -503,7 +512,7 @@ class PredictionWriter(L.Callback):
             done = self.read_records(folder)
             if self._sample_ids is not None:
                 done = {k: v for k, v in done.items() if k in self._sample_ids}
-            pl_module.completed_records = done
+            pl_module.resume_from(done)
             if done and trainer.is_global_zero:
                 pl_module.print(f"PredictionWriter: resuming, {len(done)} samples already answered in {folder}")
         name = f"predictions.rank{trainer.global_rank}.jsonl"
@@ -615,31 +624,17 @@ def _source_order(record: dict[str, Any]) -> tuple:
 
 
 def write_official_files(folder: Path, records: dict[str, dict[str, Any]]) -> list[str]:
-    """Merged predictions plus MME's and POPE's official answer files, in source order, written
-    atomically. Returns the files written (relative to ``folder``)."""
-    written: list[str] = []
-
-    def write(name: str, lines: list[str]) -> None:
-        _atomic_write(folder / name, "".join(lines))
-        written.append(name)
-
+    """Merged predictions plus each benchmark's official answer files (``Benchmark.export``: MME's
+    ``mme/SUBTASK.txt``, POPE's ``pope/SPLIT_answers.jsonl``), in source order. Returns the files
+    written (relative to ``folder``)."""
     ordered = sorted(records.values(), key=_source_order)
-    write("predictions.jsonl", [json.dumps(r, ensure_ascii=False) + "\n" for r in ordered])
-    mme = [r for r in ordered if r["task"] == "mme"]
-    for path in write_mme_export(folder / "mme", mme) if mme else []:
-        written.append(str(path.relative_to(folder)))
-    pope: dict[str, list[str]] = defaultdict(list)
-    for r in ordered:
-        if r["task"] == "pope":
-            question_id = r["sample_id"].split("/", 1)[-1]
-            line = {
-                "question_id": int(question_id) if question_id.isdigit() else question_id,
-                "prompt": r.get("question"),
-                "text": r["prediction"],
-            }
-            pope[r["category"]].append(json.dumps(line, ensure_ascii=False) + "\n")
-    for split, lines in pope.items():
-        write(f"pope/{split}_answers.jsonl", lines)
+    _atomic_write(folder / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    written = ["predictions.jsonl"]
+    by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in ordered:
+        by_task[record["task"]].append(record)
+    for task, rows in by_task.items():
+        written += [str(path.relative_to(folder)) for path in get_benchmark(task).export(rows, folder)]
     return written
 
 
@@ -661,18 +656,38 @@ def skip_report(trainer: L.Trainer, gather: bool = True) -> dict[str, dict[str, 
 
 class ResultsTable(L.Callback):
     """At the end of ``validate``, ``test`` and ``predict``, prints the figures and saves them as
-    ``results.json`` in the run folder and as a TensorBoard text table: the benchmark metrics, the
-    token budget and the skipped samples (``skipped/REASON``, ``skipped/total``: set-up skips plus
-    every process's lazy ones). A POPE average or MME total over fewer splits or subtasks than the
-    benchmark has is named for what it covers (``avg_2of3``, ``perception_total_4of10``)."""
+    ``results.json`` (``results-validate.json``, ``results-predict.json``) in the run folder and as
+    a TensorBoard text table: the benchmark metrics the module logged (``trainer.callback_metrics``),
+    the token budget of the answered samples (:func:`budget_summary`, ``budget/...``) and the
+    skipped samples (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy
+    ones). A POPE average or MME total over fewer splits or subtasks than the benchmark has is
+    named for what it covers (``avg_2of3``, ``perception_total_4of10``)."""
 
-    def _report(self, trainer, pl_module, stage: str) -> None:
+    def __init__(self) -> None:
+        self._records = _RecordCounts()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.state.fn == "validate":
+            self._records.add(outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._records.add(outputs)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._records.add(outputs)
+
+    def _report(self, trainer, pl_module, stage: str, prefix: str | None) -> None:
         folder = _run_dir(trainer)  # collective: before the rank check
         skipped = skip_report(trainer)
+        counts = self._records.merged(trainer)
         if not trainer.is_global_zero:
             return
-        results = dict(getattr(pl_module, "eval_results", {})) if stage != "predict" else {}
-        results.update({f"budget/{k}": v for k, v in getattr(pl_module, "budget_stats", {}).items()})
+        results: dict[str, float] = {}
+        if prefix is not None:
+            results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{prefix}/")}
+        if counts is not None:
+            stats = budget_summary(*counts, pl_module.llm_parameter_count())
+            results.update({f"budget/{k}": v for k, v in stats.items()})
         if skipped:
             results.update({f"skipped/{k}": float(v["count"]) for k, v in skipped.items()})
             results["skipped/total"] = float(sum(v["count"] for v in skipped.values()))
@@ -687,13 +702,13 @@ class ResultsTable(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn == "validate":
-            self._report(trainer, pl_module, "validate")
+            self._report(trainer, pl_module, "validate", "val")
 
     def on_test_end(self, trainer, pl_module) -> None:
-        self._report(trainer, pl_module, "test")
+        self._report(trainer, pl_module, "test", "test")
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        self._report(trainer, pl_module, "predict")
+        self._report(trainer, pl_module, "predict", None)
 
 
 class ValidateBeforeTraining(L.Callback):
@@ -710,6 +725,10 @@ class ValidateBeforeTraining(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != 0:
             return
+        # No public API runs the fit's validation loop before the first step and lets checkpoints
+        # save at step 0; this uses Lightning's loop and ModelCheckpoint internals
+        # (tests/test_private_apis.py breaks if they change; tests/test_validate_before_training.py
+        # checks the behaviour).
         val_loop = trainer.fit_loop.epoch_loop.val_loop
         val_loop.setup_data()
         if val_loop.skip:  # no validation data, or limit_val_batches=0

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from sparsezip_pl.compress import CompressorConfig, Geometry, build_method
-from sparsezip_pl.data.answers import parse_mme_answer, parse_pope_answer
+from torch import nn
+
+from sparsezip_pl.benchmarks import benchmark_names, get_benchmark
 from sparsezip_pl.data.common import ANSWER_SUFFIX, SkippedSample
 from sparsezip_pl.data.loader import CollatedBatch
-from sparsezip_pl.lit.metrics import MMEScore, POPEScore
 from sparsezip_pl.models.batching import ContextLimit, llm_context_length
 
 Objective = Literal["lm", "distill", "mix"]
@@ -30,17 +31,6 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 
 def _default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
-
-
-ANSWER_PARSERS: dict[str, Callable[[str], str]] = {"mme": parse_mme_answer, "pope": parse_pope_answer}
-
-
-def answer_parser(task: str) -> Callable[[str], str]:
-    """The answer parser of a benchmark; an unknown ``task`` is an error, never another benchmark's rule."""
-    try:
-        return ANSWER_PARSERS[task]
-    except KeyError:
-        raise ValueError(f"sample task {task!r} is not a known benchmark; known: {sorted(ANSWER_PARSERS)}") from None
 
 
 def answer_position_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -155,10 +145,12 @@ class SparseZipModule(L.LightningModule):
                                           has_cls=get_family(backend).has_cls))
         self.backend = None
         self.model = None
-        self.mme = MMEScore()
-        self.pope = POPEScore()
-        # Records answered by an earlier, interrupted run (filled by ``PredictionWriter``).
-        self.completed_records: dict[str, dict[str, Any]] = {}
+        # One metric per registered benchmark; each scores the records of its own task.
+        self.metrics = nn.ModuleDict({name: get_benchmark(name).metric() for name in benchmark_names()})
+        # Records answered by an earlier, interrupted run (``resume_from``, called by ``PredictionWriter``).
+        self._completed_records: dict[str, dict[str, Any]] = {}
+        #: The last evaluation's metrics, ``{"test/mme/...": value}`` (also logged).
+        self.eval_results: dict[str, float] = {}
         self._rng_states_to_restore: dict[str, Any] | None = None
         self._configured_optimizer: dict[str, Any] | None = None
 
@@ -192,11 +184,27 @@ class SparseZipModule(L.LightningModule):
             "prompt": {"answer_suffix": ANSWER_SUFFIX, "decoding": "greedy"},
         }
 
+    def resume_from(self, records: dict[str, dict[str, Any]]) -> None:
+        """Answers an earlier, interrupted run of the same identity gave (by sample id): ``test``
+        and ``predict`` score them without answering those samples again."""
+        self._completed_records = dict(records)
+
+    def llm_parameter_count(self) -> int:
+        """Parameters the LLM applies to every prefilled token: all of the model's minus the
+        vision tower, the projector and the input and output embedding tables."""
+        backend = self.backend
+        model = backend.model
+        excluded = {id(p) for module in (backend.vision_tower, backend.projector) for p in module.parameters()}
+        for table in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if table is not None:
+                excluded.update(id(p) for p in table.parameters())
+        return sum(p.numel() for p in model.parameters() if id(p) not in excluded)
+
     # ----------------------------------------------------------------- batches
     def _hand_collate_to_datamodule(self) -> None:
         """Training batches (prompt, answer and labels) for instruction data, generation batches
         (prompt only) for benchmarks, including an instruction module's ``val_benchmark``."""
-        from sparsezip_pl.data.datamodules import InstructDataModule
+        from sparsezip_pl.lit.datamodules import InstructDataModule
 
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "collate_fn"):
@@ -333,8 +341,9 @@ class SparseZipModule(L.LightningModule):
         records = []
         tokens = compression.num_tokens.tolist()
         dominant = compression.num_dominant.tolist()
+        stock = compression.num_patches
         for meta, text, n_tokens, n_dominant in zip(batch["meta"], texts, tokens, dominant):
-            parser = answer_parser(meta["task"])
+            parser = get_benchmark(meta["task"]).parse
             records.append(
                 {
                     "sample_id": meta["sample_id"],
@@ -349,6 +358,7 @@ class SparseZipModule(L.LightningModule):
                     "answer": meta.get("answer"),
                     "visual_tokens": int(n_tokens),
                     "dominant_tokens": int(n_dominant),
+                    "stock_visual_tokens": stock,
                 }
             )
         return {"records": records, "compression": compression}
@@ -356,7 +366,7 @@ class SparseZipModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         """Answers the samples of a batch that no earlier run answered (see ``PredictionWriter``),
         and scores all of them."""
-        done = self.completed_records if stage in ("test", "predict") else {}
+        done = self._completed_records if stage in ("test", "predict") else {}
         ids = [meta["sample_id"] for meta in batch["meta"]]
         todo = [i for i, sample_id in enumerate(ids) if sample_id not in done]
         new_records: list[dict[str, Any]] = []
@@ -371,11 +381,11 @@ class SparseZipModule(L.LightningModule):
         return {"records": records, "new_records": new_records, "compression": compression}
 
     def update_metrics(self, records: list[dict[str, Any]]) -> None:
-        """Feed answered records (sample fields + ``prediction``) into the MME / POPE metrics;
+        """Feed answered records (sample fields + ``prediction``) into the benchmarks' metrics;
         each metric keeps its own task's records and parses the raw answers itself."""
         predictions = [r["prediction"] for r in records]
-        self.mme.update_from_samples(records, predictions)
-        self.pope.update_from_samples(records, predictions)
+        for metric in self.metrics.values():
+            metric.update_from_samples(records, predictions)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
@@ -385,13 +395,12 @@ class SparseZipModule(L.LightningModule):
 
     def _log_eval_metrics(self, stage: str) -> None:
         results: dict[str, float] = {}
-        for name, metric in (("mme", self.mme), ("pope", self.pope)):
+        for name, metric in self.metrics.items():
             seen = metric.update_called
             if self._world_size() > 1:
                 # compute() is collective: every process calls it when any process saw the task.
                 seen = self.trainer.strategy.reduce_boolean_decision(seen, all=False)
-                if seen and not metric.update_called:
-                    metric.prepare_empty_sync()
+                metric.prepare_for_sync()
             if seen:
                 results.update({f"{stage}/{name}/{k}": float(v) for k, v in metric.compute().items()})
             metric.reset()
@@ -402,6 +411,9 @@ class SparseZipModule(L.LightningModule):
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.model.compressor.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"method {self.compressor_config.method!r} has no trainable parameters: there is "
+                             "nothing to fit (tune sparsezip; evaluate the others with validate / test)")
         optimizer = self.optimizer_factory(params)
         # Resuming restores the optimizer's state, its settings (lr ...) included, after this;
         # on_train_start puts back the ones this run was given.

@@ -1,4 +1,11 @@
-"""POPE: the three ``coco_pope_SPLIT.json`` files, LLaVA's merged JSONL or the parquet release.
+"""POPE (Li et al., "Evaluating Object Hallucination in Large Vision-Language Models", EMNLP 2023):
+yes/no object probes in three splits, read from the three ``coco_pope_SPLIT.json`` files, LLaVA's
+merged JSONL or the parquet release.
+
+The prompt is LLaVA-1.5's (the short-answer line added), the answer rule LLaVA's ``eval_pope.py``
+rule, the scores accuracy / precision / recall / F1 / yes-ratio per split, and ``export`` writes
+one answer file per split in the order of its question file (``eval_pope.py`` pairs the i-th
+answer with the i-th question).
 
 Split selection follows MME's subtask rule: ``splits=None`` means every split present (absent ones
 are logged); names given explicitly must be present; unknown names are an error.
@@ -10,11 +17,26 @@ labels; pass ``label_dir`` (the folder of ``coco_pope_SPLIT.json``) and labels a
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from sparsezip_pl.benchmarks.base import Benchmark, register_benchmark
+from sparsezip_pl.benchmarks.metrics import (
+    YES_NO,
+    DeduplicatedMetric,
+    category_index,
+    check_lengths,
+    ground_truth,
+    partial_name,
+    stable_id,
+)
 from sparsezip_pl.data.common import (
     ANSWER_SUFFIX,
     DataError,
@@ -240,3 +262,158 @@ def build_pope_dataset(
         dataset = RecordDataset(records, name="pope", on_error=on_error, image_rows=image_rows)
     require_nonempty(records, source, handle.ledger)
     return dataset
+
+
+def parse_pope_answer(text: str) -> str:
+    """POPE rule (LLaVA's ``eval_pope.py``): returns ``"yes"`` or ``"no"``.
+
+    Keep the text before the first "."; remove commas; split on spaces; if any word is
+    ``No``, ``no`` or ``not`` the answer is no, else yes.
+    """
+    first = text.split(".", 1)[0]
+    words = first.replace(",", "").split(" ")
+    if "No" in words or "no" in words or "not" in words:
+        return "no"
+    return "yes"
+
+
+def write_pope_export(folder: Path, records: list[dict[str, Any]]) -> list[Path]:
+    """``SPLIT_answers.jsonl`` per split (``question_id``, ``prompt``, ``text``: the answers file of
+    LLaVA's POPE evaluation), in the order ``records`` come in (their source order)."""
+    lines: dict[str, list[str]] = {}
+    for record in records:
+        question_id = record["sample_id"].split("/", 1)[-1]
+        line = {"question_id": int(question_id) if question_id.isdigit() else question_id,
+                "prompt": record.get("question"), "text": record["prediction"]}
+        lines.setdefault(record["category"], []).append(json.dumps(line, ensure_ascii=False) + "\n")
+    written = []
+    for split, body in lines.items():
+        path = folder / f"{split}_answers.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(body), encoding="utf-8")
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+class POPEScore(DeduplicatedMetric):
+    """POPE scores per split (positive = yes) and their mean over the splits seen.
+
+    ``compute()`` keys: ``SPLIT/accuracy``, ``SPLIT/precision``, ``SPLIT/recall``, ``SPLIT/f1``,
+    ``SPLIT/yes_ratio``, ``SPLIT/num_samples``, ``SPLIT/precision_undefined``,
+    ``SPLIT/recall_undefined`` for each split seen; ``avg/accuracy`` ... ``avg/yes_ratio`` (plain
+    mean over the three splits; a mean over fewer is named ``avg_2of3/...``); ``num_samples``. Percentages. When the model never says yes,
+    precision is 0/0: it is reported as 0 with ``precision_undefined = 1`` (likewise recall with no
+    positive ground truth); F1 is 0 when precision + recall is 0. Never NaN.
+    """
+
+    _columns = ("category", "prediction", "target")
+
+    def update(
+        self,
+        sample_ids: Sequence[str],
+        categories: Sequence[str],
+        predictions: Sequence[str],
+        targets: Sequence[str],
+    ) -> None:
+        """Add answers.
+
+        Args:
+            sample_ids: unique sample ids (``"split/question_id"``).
+            categories: POPE split names.
+            predictions: raw model text or ``yes``/``no`` (parsed with LLaVA's rule).
+            targets: ground truths ``yes``/``no`` (any case).
+        """
+        check_lengths(sample_ids=sample_ids, categories=categories, predictions=predictions, targets=targets)
+        self._append(
+            sample_key=[stable_id(s) for s in sample_ids],
+            category=category_index(categories, POPE_SPLITS, "POPE split"),
+            prediction=[YES_NO[parse_pope_answer(p)] for p in predictions],
+            target=ground_truth(targets),
+        )
+
+    def update_from_samples(self, samples: Sequence[dict[str, Any]], predictions: Sequence[str]) -> None:
+        """``update`` from sample dicts (``task == "pope"`` ones only) and their predictions."""
+        rows = [(s, p) for s, p in zip(samples, predictions, strict=True) if s["task"] == "pope"]
+        if rows:
+            self.update([s["sample_id"] for s, _ in rows], [s["category"] for s, _ in rows],
+                        [p for _, p in rows], [s["answer"] for s, _ in rows])
+
+    def compute(self) -> dict[str, Tensor]:
+        """Scores of the de-duplicated answers (see the class doc for the keys)."""
+        cols = self._gathered()
+        out: dict[str, Tensor] = {}
+        per_split: list[dict[str, float]] = []
+        for index, split in enumerate(POPE_SPLITS):
+            mask = cols["category"] == index
+            n = int(mask.sum())
+            if n == 0:
+                continue
+            pred, target = cols["prediction"][mask], cols["target"][mask]
+            tp = int(((pred == 1) & (target == 1)).sum())
+            fp = int(((pred == 1) & (target == 0)).sum())
+            tn = int(((pred == 0) & (target == 0)).sum())
+            fn = int(((pred == 0) & (target == 1)).sum())
+            precision = tp / (tp + fp) if tp + fp else 0.0
+            recall = tp / (tp + fn) if tp + fn else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+            values = {
+                "accuracy": 100 * (tp + tn) / n,
+                "precision": 100 * precision,
+                "recall": 100 * recall,
+                "f1": 100 * f1,
+                "yes_ratio": 100 * (tp + fp) / n,
+            }
+            per_split.append(values)
+            for name, value in values.items():
+                out[f"{split}/{name}"] = torch.tensor(value)
+            out[f"{split}/num_samples"] = torch.tensor(float(n))
+            out[f"{split}/precision_undefined"] = torch.tensor(float(tp + fp == 0))
+            out[f"{split}/recall_undefined"] = torch.tensor(float(tp + fn == 0))
+        average = partial_name("avg", len(per_split), len(POPE_SPLITS))
+        for name in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+            out[f"{average}/{name}"] = torch.tensor(sum(v[name] for v in per_split) / len(per_split))
+        out["num_samples"] = torch.tensor(float(cols["target"].numel()))
+        return {k: v.float().to(self.device) for k, v in out.items()}
+
+
+@register_benchmark("pope")
+class POPE(Benchmark):
+    """POPE from the per-split files, LLaVA's merged JSONL, the parquet release or its hub id.
+
+    Args:
+        source: a folder with ``coco_pope_SPLIT.json`` files, one such file, LLaVA's merged JSONL
+            (``category`` field), a folder of the Hugging Face parquet files, or a hub id.
+        image_dir: the COCO val2014 image folder for JSON sources (default: the JSON file's folder).
+        splits: splits to evaluate; default: every split present. Unknown names are an error.
+        label_dir: folder of ``coco_pope_SPLIT.json`` files supplying labels to a merged question
+            file that has none (LLaVA's ``llava_pope_test.jsonl``).
+        max_per_category: only the first N questions of each split.
+        hf_split: split of the parquet / hub release.
+        cache_dir: ``datasets`` cache folder for parquet / hub sources.
+    """
+
+    def __init__(self, source: str, image_dir: str | None = None, splits: list[str] | None = None,
+                 label_dir: str | None = None, max_per_category: int | None = None, hf_split: str = "test",
+                 cache_dir: str | None = None) -> None:
+        super().__init__(max_per_category, hf_split, cache_dir)
+        self.source = source
+        self.image_dir = image_dir
+        self.splits = splits
+        self.label_dir = label_dir
+
+    def load(self, on_error: str = "raise", ledger: SkipLedger | None = None, verify_images: bool = False) -> RecordDataset:
+        return build_pope_dataset(self.source, self.image_dir, self.splits, self.label_dir, on_error, ledger,
+                                  self.hf_split, self.cache_dir, self.max_per_category, verify_images)
+
+    def sources(self) -> dict[str, Any]:
+        return {"pope_source": self.source, "pope_image_dir": self.image_dir, "pope_splits": self.splits,
+                "pope_label_dir": self.label_dir, "max_per_category": self.max_per_category, "hf_split": self.hf_split}
+
+    parse = staticmethod(parse_pope_answer)
+    metric = staticmethod(POPEScore)
+
+    @staticmethod
+    def export(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+        return write_pope_export(Path(folder) / "pope", records)

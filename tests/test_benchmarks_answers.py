@@ -2,7 +2,8 @@
 
 import pytest
 
-from sparsezip_pl.data.answers import parse_mme_answer, parse_pope_answer
+from sparsezip_pl.benchmarks.mme import parse_mme_answer
+from sparsezip_pl.benchmarks.pope import parse_pope_answer
 
 
 @pytest.mark.parametrize(

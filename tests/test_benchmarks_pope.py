@@ -6,7 +6,7 @@ import pytest
 
 from data_fixtures import write_pope_files, write_pope_merged, write_pope_parquet
 from sparsezip_pl.data.common import SAMPLE_KEYS, DataError, SkipLedger
-from sparsezip_pl.data.pope import build_pope_dataset
+from sparsezip_pl.benchmarks.pope import build_pope_dataset
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 

@@ -1,4 +1,9 @@
-"""MME: the official release folder or the Hugging Face parquet release -> sample dicts.
+"""MME (Fu et al., "MME: A Comprehensive Evaluation Benchmark for Multimodal Large Language Models"):
+14 yes/no subtasks, read from the official release folder or the Hugging Face parquet release.
+
+The prompt is LLaVA-1.5's (" Please answer yes or no." dropped, the short-answer line added), the
+answer rule and the scores (acc + acc+ per subtask, perception and cognition totals) are MME's
+own, and ``export`` writes the ``SUBTASK.txt`` files its calculation script reads.
 
 Subtask selection: ``subtasks=None`` means "all 14": subtasks absent from the source are left out
 with a warning naming them (users often have only part of the release). Names given explicitly
@@ -11,10 +16,22 @@ pairs: MME skip counts are in images (pairs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from sparsezip_pl.benchmarks.base import Benchmark, register_benchmark
+from sparsezip_pl.benchmarks.metrics import (
+    DeduplicatedMetric,
+    category_index,
+    check_lengths,
+    ground_truth,
+    partial_name,
+    stable_id,
+)
 from sparsezip_pl.data.common import (
     ANSWER_SUFFIX,
     DataError,
@@ -279,6 +296,27 @@ def build_mme_dataset(
     return dataset
 
 
+def parse_mme_answer(text: str) -> str:
+    """MME rule: returns ``"yes"``, ``"no"`` or ``"other"`` (always scored wrong).
+
+    Lower-case, strip, drop every "."; "yes"/"no" as is; a single letter y/n maps to yes/no;
+    otherwise "yes", then "no", is looked for in the first four characters; else "other".
+    """
+    answer = text.lower().strip().replace(".", "")
+    if answer in ("yes", "no"):
+        return answer
+    if answer == "y":
+        return "yes"
+    if answer == "n":
+        return "no"
+    prefix = answer[:4]
+    if "yes" in prefix:
+        return "yes"
+    if "no" in prefix:
+        return "no"
+    return "other"
+
+
 def write_mme_export(out_dir: str | Path, rows: Iterable[dict[str, Any]]) -> list[Path]:
     """Write MME's own result layout: one ``SUBTASK.txt`` per subtask, lines
     ``image<TAB>question<TAB>ground truth<TAB>prediction``.
@@ -305,3 +343,128 @@ def write_mme_export(out_dir: str | Path, rows: Iterable[dict[str, Any]]) -> lis
         path.write_text("\n".join(body) + "\n", encoding="utf-8")
         written.append(path)
     return written
+
+
+MME_PREDICTIONS = {"no": 0, "yes": 1, "other": 2}
+
+
+class MMEScore(DeduplicatedMetric):
+    """MME scores: per subtask acc, acc+ and score = acc + acc+; perception / cognition totals.
+
+    ``compute()`` returns floats (as 0-dim tensors) under these keys, for the subtasks seen:
+    ``SUBTASK/acc``, ``SUBTASK/acc_plus``, ``SUBTASK/score``; ``perception_total`` (sum of the 10
+    perception subtask scores, 0..2000) and ``cognition_total`` (the 4 cognition ones, 0..800)
+    when all of theirs were seen; a sum over fewer is named for what it covers, e.g.
+    ``perception_total_4of10``, never like the benchmark's total; ``num_samples`` (after
+    de-duplication) and ``incomplete_pairs``. A pair counts for
+    acc+ only when both of its questions were seen and answered correctly (as in MME's own script),
+    so a pair cut in half by ``limit_test_batches`` or a skip counts as wrong and is reported in
+    ``incomplete_pairs``.
+    """
+
+    _columns = ("pair_key", "category", "prediction", "target")
+
+    def update(
+        self,
+        sample_ids: Sequence[str],
+        categories: Sequence[str],
+        predictions: Sequence[str],
+        targets: Sequence[str],
+        pair_ids: Sequence[str] | None = None,
+    ) -> None:
+        """Add answers.
+
+        Args:
+            sample_ids: unique sample ids (``"subtask/NAME.jpg#k"``).
+            categories: MME subtask names.
+            predictions: raw model text or already parsed ``yes``/``no``/``other``.
+            targets: ground truths ``yes``/``no`` (any case).
+            pair_ids: question-pair ids; default: ``sample_id`` without its ``#k`` suffix.
+        """
+        check_lengths(sample_ids=sample_ids, categories=categories, predictions=predictions,
+                       targets=targets, pair_ids=pair_ids)
+        if pair_ids is None:
+            pair_ids = [s.rsplit("#", 1)[0] for s in sample_ids]
+        self._append(
+            sample_key=[stable_id(s) for s in sample_ids],
+            pair_key=[stable_id(p) for p in pair_ids],
+            category=category_index(categories, MME_SUBTASKS, "MME subtask"),
+            prediction=[MME_PREDICTIONS[parse_mme_answer(p)] for p in predictions],
+            target=ground_truth(targets),
+        )
+
+    def update_from_samples(self, samples: Sequence[dict[str, Any]], predictions: Sequence[str]) -> None:
+        """``update`` from sample dicts (``task == "mme"`` ones only) and their predictions."""
+        rows = [(s, p) for s, p in zip(samples, predictions, strict=True) if s["task"] == "mme"]
+        if rows:
+            self.update([s["sample_id"] for s, _ in rows], [s["category"] for s, _ in rows],
+                        [p for _, p in rows], [s["answer"] for s, _ in rows], [s["pair_id"] for s, _ in rows])
+
+    def compute(self) -> dict[str, Tensor]:
+        """Scores of the de-duplicated answers (see the class doc for the keys)."""
+        cols = self._gathered()
+        correct = (cols["prediction"] == cols["target"]).long()
+        out: dict[str, Tensor] = {}
+        totals = {"perception_total": (MME_PERCEPTION, []), "cognition_total": (MME_COGNITION, [])}
+        incomplete = 0
+        for index, subtask in enumerate(MME_SUBTASKS):
+            mask = cols["category"] == index
+            if not bool(mask.any()):
+                continue
+            acc = correct[mask].double().mean() * 100
+            _, pair_index = torch.unique(cols["pair_key"][mask], return_inverse=True)
+            n_pairs = int(pair_index.max()) + 1
+            size = torch.zeros(n_pairs, dtype=torch.long, device=correct.device).scatter_add(
+                0, pair_index, torch.ones_like(pair_index))
+            right = torch.zeros(n_pairs, dtype=torch.long, device=correct.device).scatter_add(
+                0, pair_index, correct[mask])
+            incomplete += int((size != 2).sum())
+            acc_plus = ((size == 2) & (right == 2)).double().mean() * 100
+            out[f"{subtask}/acc"] = acc
+            out[f"{subtask}/acc_plus"] = acc_plus
+            out[f"{subtask}/score"] = acc + acc_plus
+            for names, scores in totals.values():
+                if subtask in names:
+                    scores.append(acc + acc_plus)
+        for key, (names, scores) in totals.items():
+            if scores:
+                out[partial_name(key, len(scores), len(names))] = torch.stack(scores).sum()
+        out["num_samples"] = torch.tensor(float(correct.numel()), dtype=torch.float64)
+        out["incomplete_pairs"] = torch.tensor(float(incomplete), dtype=torch.float64)
+        return {k: v.float() for k, v in out.items()}
+
+
+@register_benchmark("mme")
+class MME(Benchmark):
+    """MME from the official release folder, the parquet release or its hub id.
+
+    Args:
+        root: ``MME_Benchmark_release_version/`` (or the folder holding it), a folder of the
+            Hugging Face parquet files, or a hub id of that release.
+        subtasks: subtask names; default: every subtask present in ``root`` (absent ones are
+            logged). Explicit names must be present; unknown names are an error.
+        max_per_category: only the first N images (question pairs) of each subtask.
+        hf_split: split of the parquet / hub release.
+        cache_dir: ``datasets`` cache folder for parquet / hub sources.
+    """
+
+    def __init__(self, root: str, subtasks: list[str] | None = None, max_per_category: int | None = None,
+                 hf_split: str = "test", cache_dir: str | None = None) -> None:
+        super().__init__(max_per_category, hf_split, cache_dir)
+        self.root = root
+        self.subtasks = subtasks
+
+    def load(self, on_error: str = "raise", ledger: SkipLedger | None = None, verify_images: bool = False) -> RecordDataset:
+        return build_mme_dataset(self.root, self.subtasks, on_error, ledger, self.hf_split, self.cache_dir,
+                                 self.max_per_category, verify_images)
+
+    def sources(self) -> dict[str, Any]:
+        return {"mme_root": self.root, "mme_subtasks": self.subtasks, "max_per_category": self.max_per_category,
+                "hf_split": self.hf_split}
+
+    parse = staticmethod(parse_mme_answer)
+    metric = staticmethod(MMEScore)
+
+    @staticmethod
+    def export(records: list[dict[str, Any]], folder: Path) -> list[Path]:
+        return write_mme_export(Path(folder) / "mme", records)

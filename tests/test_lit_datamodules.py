@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data_fixtures import write_instruct, write_mme_folder, write_pope_files
 from sparsezip_pl.data.common import DataError
-from sparsezip_pl.data.datamodules import EvalDataModule, InstructDataModule, MMEDataModule, POPEDataModule
+from sparsezip_pl.lit.datamodules import EvalDataModule, InstructDataModule, MMEDataModule, POPEDataModule
 from sparsezip_pl.data.loader import SkipCountingDataLoader
-from sparsezip_pl.lit.metrics import MMEScore, POPEScore
+from sparsezip_pl.benchmarks import MMEScore, POPEScore
 
 
 class WrapCollate:
@@ -188,7 +188,7 @@ def test_instruct_module_validates_on_a_benchmark(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="on_error"):
         MMEDataModule("x", on_error="ignore")
-    with pytest.raises(ValueError, match="needs mme_root, pope_source or both"):
+    with pytest.raises(ValueError, match="needs at least one benchmark"):
         EvalDataModule()
     dm = MMEDataModule(str(write_mme_folder(tmp_path)), subtasks=["Existence"])
     with pytest.raises(ValueError, match="valid names"):
@@ -199,11 +199,13 @@ def test_cli_documents_arguments():
     from jsonargparse import ArgumentParser
 
     for cls, phrase in [(MMEDataModule, "question"), (POPEDataModule, "label_dir"),
-                        (InstructDataModule, "train_source"), (EvalDataModule, "pope_source")]:
+                        (InstructDataModule, "train_source"), (EvalDataModule, "benchmarks")]:
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "data")
         text = parser.format_help()
         assert "--data.on_error" in text and "skip" in text and phrase in text
+    from sparsezip_pl.benchmarks import MME
+
     parser = ArgumentParser()
-    parser.add_class_arguments(MMEDataModule, "data")
+    parser.add_class_arguments(MME, "mme")
     assert "first N images (question pairs)" in " ".join(parser.format_help().split())

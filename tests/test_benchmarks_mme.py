@@ -6,7 +6,7 @@ import pytest
 
 from data_fixtures import make_image, write_mme_folder, write_mme_parquet
 from sparsezip_pl.data.common import SAMPLE_KEYS, DataError, SkipLedger, SkippedSample
-from sparsezip_pl.data.mme import MME_SUBTASKS, build_mme_dataset, mme_prompt, write_mme_export
+from sparsezip_pl.benchmarks.mme import MME_SUBTASKS, build_mme_dataset, mme_prompt, write_mme_export
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
