@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from sparsezip_pl.data import synthetic as S
@@ -230,22 +229,6 @@ def test_instance_map_gives_each_patch_the_object_its_labels_show():
         shapes = np.array([S.SHAPES.index(o.shape) + 1 for o in scene.objects])
         assert np.array_equal(np.where(owner >= 0, shapes[owner], 0), labels["shape"].reshape(-1))
         assert np.array_equal(np.where(owner >= 0, colours[owner], 0), labels["color"].reshape(-1))
-
-
-def test_object_coverage_bench_layers_config_files_like_the_cli():
-    import importlib.util
-
-    repo = Path(__file__).parents[1]
-    spec = importlib.util.spec_from_file_location("object_coverage", repo / "bench/object_coverage.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    layered = [str(repo / "configs/demo/sparsezip.yaml"), str(repo / "configs/demo/original_positions.yaml")]
-    calibrated = yaml.safe_load((repo / "configs/demo/sparsezip.yaml").read_text())["model"]["compressor"]["dynk"]["scale"]
-    assert bench.compressor_settings(layered) == {
-        "method": "sparsezip", "dynamic_k": True, "k_min": 8, "k_max": 64,
-        "dynk": {"rule": "attention_entropy", "scale": calibrated}, "merging": {"contextual_num": 16},
-        "visual_positions": "original",
-    }
 
 
 def test_area_matched_count_scenes_hide_the_count_in_area():

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo.tiny_llava import normalize_images, tower_features
-from sparsezip_pl.demo.tiny_training.common import cosine, log, save_state
+from tiny_llava import normalize_images, tower_features
+from tiny_training.common import cosine, log, save_state
 
 
 class VisionHeads(nn.Module):

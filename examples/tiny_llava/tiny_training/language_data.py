@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo.tiny_llava import Tokenized, normalize_images, pack_rows
+from tiny_llava import Tokenized, normalize_images, pack_rows
 
 YES_NO = ("Yes", "No")
 

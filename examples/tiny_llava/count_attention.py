@@ -1,10 +1,10 @@
 """Where the tiny LLaVA's counting head looks, against the synthetic world's ground truth.
 
-    python bench/count_attention.py                       # the shipped model, 240 scenes of seed 2
-    python bench/count_attention.py --head 2              # another head (--count-heads in training)
-    python bench/count_attention.py --anchor-probe 300    # also: how readable the anchor patches are
+    python examples/tiny_llava/count_attention.py                       # the shipped model, 240 scenes of seed 2
+    python examples/tiny_llava/count_attention.py --head 2              # another head (--count-heads in training)
+    python examples/tiny_llava/count_attention.py --anchor-probe 300    # also: how readable the anchor patches are
 
-The training script's counting loss (``train_tiny_llava.counting_loss``) asks head 1 of the last
+The training script's counting loss (``tiny_training.auxiliary_losses.counting_loss``) asks head 1 of the last
 LLM layer, at a yes/no answer, to put 0.2 of its attention on each instance of the asked shape and
 the rest on the text prefix. For count questions on fresh training-style scenes of an unseen seed
 (all 576 visual tokens), this prints, by the true count n: the first-token accuracy, the head's
@@ -21,15 +21,18 @@ how well the anchor patches could be told apart where the counting head's keys c
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # this checkout's sparsezip_pl, installed or not
 
-from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo import train_tiny_llava as T
-from sparsezip_pl.demo.tiny_llava import Tokenized, normalize_images, shared_prefix_hidden, tower_features
-from sparsezip_pl.demo.tiny_training import language_data as data
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import train_tiny_llava as T  # noqa: E402
+from sparsezip_pl.data import synthetic as S  # noqa: E402
+from tiny_llava import Tokenized, normalize_images, shared_prefix_hidden, tower_features  # noqa: E402
+from tiny_training import language_data as data  # noqa: E402
 
 
 def measure(model, tz: Tokenized, seed: int, n_images: int, anchor: str, batch: int = 8,

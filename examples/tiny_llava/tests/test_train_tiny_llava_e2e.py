@@ -1,4 +1,4 @@
-"""The training script end to end on a micro model (seconds): stages, saving, card, resume."""
+"""The training script end to end on a micro model: stages, saving, card, resume (a minute or two)."""
 
 import json
 import shlex
@@ -6,9 +6,11 @@ import shlex
 import pytest
 import torch
 
-from sparsezip_pl.demo import train_tiny_llava as T
-from sparsezip_pl.demo.tiny_training import common
-from sparsezip_pl.demo.tiny_training import vision_stage as vision
+import train_tiny_llava as T
+from tiny_training import common
+from tiny_training import vision_stage as vision
+
+pytestmark = pytest.mark.slow
 
 MICRO = ["--vision-width", "32", "--vision-layers", "1", "--lm-width", "48", "--lm-layers", "1", "--lm-heads", "2",
          "--vision-crop-steps", "2", "--vision-steps", "2", "--vision-batch", "2", "--lm-steps", "3", "--lm-batch", "2",

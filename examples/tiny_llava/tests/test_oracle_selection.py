@@ -1,6 +1,4 @@
-"""bench/oracle_selection.py: the scenes it regenerates are the world's, its selection is the oracle's."""
-
-import importlib
+"""oracle_selection.py: the scenes it regenerates are the world's, its selection is the oracle's."""
 
 import numpy as np
 import pytest
@@ -9,11 +7,10 @@ from sparsezip_pl.data import synthetic as S
 
 
 @pytest.fixture
-def oracle(monkeypatch):
-    from pathlib import Path
+def oracle():
+    import oracle_selection
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    return importlib.import_module("oracle_selection")
+    return oracle_selection
 
 
 def test_world_scenes_are_the_ones_the_world_was_drawn_from(oracle, tmp_path):
