@@ -33,6 +33,7 @@ import train_tiny_llava as T  # noqa: E402
 from sparsezip_pl.data import synthetic as S  # noqa: E402
 from tiny_llava import Tokenized, normalize_images, shared_prefix_hidden, tower_features  # noqa: E402
 from tiny_training import language_data as data  # noqa: E402
+import training_world as W  # noqa: E402
 
 
 def measure(model, tz: Tokenized, seed: int, n_images: int, anchor: str, batch: int = 8,
@@ -124,7 +125,7 @@ def anchor_features(model, tz: Tokenized, seed: int, n_images: int, anchor: str)
     out = {"tower": [], "last": [], "label": [], "owner": []}
     for i in range(n_images):
         scene = S.sample_scene(S.rng_for(seed, "extra", 50_000 + i))
-        px = torch.from_numpy(normalize_images(S.jpeg_roundtrip(S.render(scene))[None]))
+        px = torch.from_numpy(normalize_images(W.jpeg_roundtrip(S.render(scene))[None]))
         with torch.no_grad():
             feats = tower_features(model, px)
             prefix = torch.cat([embed(torch.tensor([tz.prefix])), model.model.multi_modal_projector(feats)], 1)
@@ -132,11 +133,11 @@ def anchor_features(model, tz: Tokenized, seed: int, n_images: int, anchor: str)
             one = torch.ones(1, 1, 1, dtype=torch.long)  # a one-token row: only the prefix's inputs are read
             shared_prefix_hidden(model, prefix, embed(one * tz.prefix[0]), one * prefix.shape[1], one, None, capture)
         label = torch.zeros(S.GRID * S.GRID)
-        label[S.instance_anchors(scene, anchor)] = 1
+        label[W.instance_anchors(scene, anchor)] = 1
         out["tower"].append(feats[0])
         out["last"].append(capture["prefix_x"][0, n_text:].float())
         out["label"].append(label)
-        out["owner"].append(torch.from_numpy(S.instance_map(scene)))
+        out["owner"].append(torch.from_numpy(W.instance_map(scene)))
     return {k: torch.stack(v) for k, v in out.items()}
 
 

@@ -27,6 +27,7 @@ import yaml  # noqa: E402
 from sparsezip_pl.api import build_config  # noqa: E402
 from sparsezip_pl.data import synthetic as S  # noqa: E402
 from sparsezip_pl.models import CompressedLlava, load_backend  # noqa: E402
+import training_world as W  # noqa: E402
 
 DEFAULT_METHODS = (
     ["configs/methods/visionzip.yaml"],
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
 
     backend = load_backend("hf", args.model_path)
     scenes = [S.sample_scene(S.rng_for(args.seed, "extra", i)) for i in range(args.images)]
-    pixels = torch.from_numpy(normalize_images(np.stack([S.jpeg_roundtrip(S.render(s)) for s in scenes])))
-    patches = [[S.object_patches(o) for o in s.objects] for s in scenes]
+    pixels = torch.from_numpy(normalize_images(np.stack([W.jpeg_roundtrip(S.render(s)) for s in scenes])))
+    patches = [[W.object_patches(o) for o in s.objects] for s in scenes]
     methods = [args.config] if args.config else DEFAULT_METHODS
 
     print(f"{args.images} scenes of world seed {args.seed}, model {args.model_path}\n")

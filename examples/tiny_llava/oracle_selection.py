@@ -32,6 +32,7 @@ from sparsezip_pl.data import synthetic as S  # noqa: E402
 from sparsezip_pl.data.datamodules import MMEDataModule  # noqa: E402
 from sparsezip_pl.lit.metrics import MMEScore  # noqa: E402
 from sparsezip_pl.models import CompressedLlava, load_backend  # noqa: E402
+import training_world as W  # noqa: E402
 
 FAMILIES = S.MME_FAMILIES
 
@@ -52,7 +53,7 @@ def object_cover(scene: S.Scene) -> np.ndarray:
     """[GRID * GRID]: the largest share of each patch one of the scene's objects covers."""
     cover = np.zeros(S.GRID * S.GRID, np.float32)
     for o in scene.objects:
-        cover = np.maximum(cover, S.patch_cover(o))
+        cover = np.maximum(cover, W.patch_cover(o))
     return cover
 
 

@@ -48,6 +48,7 @@ from tiny_training.common import build, grown_state, log, param_counts, reinit_h
 from tiny_training.language_data import lm_batch  # noqa: E402
 from tiny_training.language_stage import train_lm  # noqa: E402
 from tiny_training.vision_stage import train_vision  # noqa: E402
+import training_world as W  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--curriculum-tokens", type=int, default=64)
     p.add_argument("--count-area-match", type=float, default=0.0,
                    help="share of counting scenes (--p-count-scene) whose counted instances share one total "
-                        "area whatever their number (synthetic.area_matched_sizes), so that area cannot stand in "
+                        "area whatever their number (training_world.area_matched_sizes), so that area cannot stand in "
                         "for the count")
     p.add_argument("--p-subset", type=float, default=0.0,
                    help="after the curriculum, the share of language steps that see only a subset of the visual "
@@ -222,7 +223,7 @@ def load_init(path: str | os.PathLike) -> dict:
     """What ``--init-from`` continues from: ``{model, processor, stage, step, vision_time, earlier_attempt}``.
 
     ``path`` is a training state this script saved (``state.pt``, kept out of git; ``processor`` is
-    then ``None`` and the tokenizer is rebuilt from the world's text, which ``synthetic.world_texts``
+    then ``None`` and the tokenizer is rebuilt from the world's text, which ``training_world.world_texts``
     keeps fixed) or a checkpoint folder it wrote (``checkpoints/tiny-llava-synth``): the folder's
     weights and processor, the language step its run ended at and the training time its
     ``eval_results.json`` recorded, so a clean clone can continue the shipped model."""
@@ -252,7 +253,7 @@ def load_init(path: str | os.PathLike) -> dict:
 def derived_info(args, init_step: int | None = None) -> dict:
     """Figures the card needs besides the measurements: the mix of the training data and the
     language step ``--init-from`` was saved at."""
-    processor = build_processor(S.world_texts(args.seed), Path(args.workdir) / "processor_build", args.vocab_size)
+    processor = build_processor(W.world_texts(args.seed), Path(args.workdir) / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     stats = S.world_statistics(args.seed)
     _, _, fams, _, _ = lm_batch(tz, args.seed, 0, 64, args, stats)
@@ -349,7 +350,7 @@ def main(argv=None) -> None:
 
     init = load_init(args.init_from) if args.init_from else None
     processor = (init and init["processor"]) or \
-        build_processor(S.world_texts(args.seed), work / "processor_build", args.vocab_size)
+        build_processor(W.world_texts(args.seed), work / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     model = build(args, processor)
     pc = param_counts(model)

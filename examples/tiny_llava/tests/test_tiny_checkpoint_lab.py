@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import evaluate_worlds as E
+import training_world as W
 from sparsezip_pl.data import synthetic as S
 from tiny_llava import check_fast_paths
 
@@ -94,11 +95,11 @@ def test_multi_seed_evaluation_reports_each_world_and_their_mean(tmp_path):
 
 
 def test_training_builds_the_shipped_tokenizer(tmp_path):
-    """`train_tiny_llava` rebuilds its tokenizer from `synthetic.world_texts` on every run, also when it
+    """`train_tiny_llava` rebuilds its tokenizer from `training_world.world_texts` on every run, also when it
     continues from saved weights (--init-from): if that corpus drifted with the world's question
     sampler, the continued weights would silently read other token ids."""
     from tiny_llava import build_processor
 
-    build_processor(S.world_texts(0), tmp_path / "build").save_pretrained(tmp_path / "saved")
+    build_processor(W.world_texts(0), tmp_path / "build").save_pretrained(tmp_path / "saved")
     built = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
     assert built == json.loads((CKPT / "tokenizer.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_tiny_llava as T
+import training_world as W
 from sparsezip_pl.data import synthetic as S
 from tiny_llava import Tokenized
 from tiny_training import auxiliary_losses as losses
@@ -147,7 +148,7 @@ def test_first_centre_label_marks_where_the_first_anchor_counting_loss_points():
         scene = S.sample_scene(rng, force)
         marked = set(torch.nonzero(first["center"][i].flatten()).flatten().tolist())
         targets = data.count_targets(scene, "first")
-        assert marked == {int(cells[0]) for _, cells, _ in targets} == set(S.first_patches(scene))
+        assert marked == {int(cells[0]) for _, cells, _ in targets} == set(W.first_patches(scene))
         assert [s for s, _, _ in targets] == [o.shape for o in scene.objects]
 
 
@@ -165,12 +166,12 @@ def test_spread_count_targets_weigh_every_visible_object_the_same():
     targets = data.count_targets(scene, "spread")
     first, second, star = (set(cells.tolist()) for _, cells, _ in targets)
     assert first and second and star and not first & second
-    assert second == set(S.object_patches(scene.objects[1]).tolist())  # drawn last: all its patches
-    assert len(first) < len(S.object_patches(scene.objects[0]))  # partly hidden by the second circle
+    assert second == set(W.object_patches(scene.objects[1]).tolist())  # drawn last: all its patches
+    assert len(first) < len(W.object_patches(scene.objects[0]))  # partly hidden by the second circle
     for _, cells, share in targets:
         assert share.sum() == pytest.approx(1.0)
     cover = data.count_targets(scene, "cover")
-    assert [cells.tolist() for _, cells, _ in cover] == [[S.anchor_patch(o)] for o in scene.objects]
+    assert [cells.tolist() for _, cells, _ in cover] == [[W.anchor_patch(o)] for o in scene.objects]
 
 
 def _count_attention_bench():

@@ -120,12 +120,12 @@ def test_init_from_a_checkpoint_folder_continues_its_weights_with_its_own_tokeni
     weights and processor (not a tokenizer rebuilt from the world's text) and its recorded times."""
     from transformers import LlavaForConditionalGeneration
 
-    from sparsezip_pl.data import synthetic
+    import training_world
 
     root, _ = micro_run
     source = root / "out"
     # were the tokenizer rebuilt from the world's text, this corpus would give another vocabulary
-    monkeypatch.setattr(synthetic, "world_texts", lambda seed=0, n=400: ["a b c d"] * 50)
+    monkeypatch.setattr(training_world, "world_texts", lambda seed=0, n=400: ["a b c d"] * 50)
     T.main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w"), *MICRO, "--lm-lr", "0",
             "--init-from", str(source)])
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
