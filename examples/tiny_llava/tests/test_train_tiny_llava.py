@@ -341,5 +341,5 @@ def test_count_area_match_draws_area_matched_count_scenes_and_nothing_when_off()
         pinned = [o.size ** 2 for o in scene_on.objects if o.shape == force[0]]
         assert len(pinned) == force[1]
         areas[force[1]].append(sum(pinned))
-    # the range area_matched_sizes draws from (its independence of the count: test_synthetic)
+    # the range area_matched_sizes draws from (its independence of the count: test_training_world)
     assert all(2600 * 0.9 <= a <= 7000 * 1.1 for values in areas.values() for a in values)
