@@ -27,6 +27,3 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/compressor.py
 	$(PY) bench/e2e.py
-	$(PY) bench/object_coverage.py
-	$(PY) bench/count_attention.py --anchor-probe 300
-	$(PY) bench/oracle_selection.py --budgets 64 96 128

@@ -1,4 +1,7 @@
-"""The shipped tiny LLaVA: llava-hf layout, 576 image tokens, the documented accuracy, and it needs its eyes."""
+"""The shipped tiny LLaVA: a plain llava-hf folder the hf backend loads, 576 image tokens, and it
+answers the synthetic world as documented through the project's own `test` command.
+
+How it was trained (and the lab's own checks of that) is examples/tiny_llava's."""
 
 from __future__ import annotations
 
@@ -10,12 +13,17 @@ import torch
 from PIL import Image
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo import evaluate as E
-from sparsezip_pl.demo.tiny_llava import check_fast_paths
+from sparsezip_pl.data.answers import parse_mme_answer
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava-synth"
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / "checkpoints" / "tiny-llava-synth"
 # the held-out slice: a fresh world from the card's held-out seed, read back from its files
 SLICE = dict(n_mme_images=10, n_pope_images=10, n_instruct=0)
+FAMILIES = [f"mme/{f}" for f in S.MME_FAMILIES] + [f"pope/{s}" for s in S.POPE_SPLITS]
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +42,12 @@ def loaded():
     return model, processor
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory, documented):
-    seed = documented["eval_seed"]
-    return S.generate_world(tmp_path_factory.mktemp("heldout"), seed=seed, **SLICE)
-
-
-def _overall(results: dict) -> float:
-    n = sum(results[f]["n"] for f in E.FAMILIES)
-    return sum(results[f]["acc"] * results[f]["n"] for f in E.FAMILIES) / n
-
-
-def test_folder_size_and_card(documented):
+def test_folder_size_and_pointer_to_the_card():
     size = sum(p.stat().st_size for p in CKPT.rglob("*") if p.is_file())
     assert size <= 25e6
-    card = (CKPT / "MODEL_CARD.md").read_text()
-    assert f"{documented['params']['total']:,}" in card
-    assert documented["command"] in card
-    for fam in E.FAMILIES:  # the card's table is the script's measurement
-        assert f"| {fam} | {documented['eval']['all'][fam]['acc']:.1f} |" in card
+    readme = (CKPT / "README.md").read_text()
+    assert "examples/tiny_llava/MODEL_CARD.md" in readme
+    assert (REPO / "examples" / "tiny_llava" / "MODEL_CARD.md").is_file()
 
 
 def test_llava_hf_layout_and_576_image_tokens(loaded):
@@ -76,50 +71,31 @@ def test_llava_hf_layout_and_576_image_tokens(loaded):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert E.parse_mme(answer) in ("yes", "no")
+    assert parse_mme_answer(answer) in ("yes", "no")
 
 
-def test_training_fast_path_equals_stock_forward(loaded):
-    model, processor = loaded
-    image = Image.fromarray(S.render(S.sample_scene(S.rng_for(9, "extra", 1))))
-    turns = [("Is there a red star in the image?" + S.SHORT_ANSWER, "No"), ("How many stars are there?", "There is one star.")]
-    assert check_fast_paths(model, processor, image, turns) < 1e-4
+def test_heldout_slice_accuracy_as_documented_through_the_test_command(tmp_path, documented):
+    """The demo's evaluation config with all 576 tokens (``none``) on a fresh slice of the card's
+    held-out world: the question-weighted accuracy is within the documented margin of the card's."""
+    from sparsezip_pl.cli import main
 
-
-def test_heldout_slice_accuracy_as_documented(loaded, world, documented):
-    model, processor = loaded
-    res = E.evaluate_world(model, processor, world, honest=True)  # processor + generate, as the hf backend
+    world = S.generate_world(tmp_path / "heldout", seed=documented["eval_seed"], **SLICE)
+    cli = main([
+        "test", "--config", str(REPO / "configs/demo/eval.yaml"), "--config", str(REPO / "configs/methods/none.yaml"),
+        f"--model.model_path={CKPT}", f"--data.init_args.mme_root={world['mme_root']}",
+        f"--data.init_args.pope_source={world['pope_root']}",
+        f"--data.init_args.pope_image_dir={world['pope_image_folder']}",
+        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.enable_progress_bar=false",
+    ])
+    results = cli.model.eval_results
+    accuracy = {f: float(results[f"test/{f}/{'acc' if f.startswith('mme') else 'accuracy'}"]) for f in FAMILIES}
+    questions = {f"mme/{f}": 2 * SLICE["n_mme_images"] for f in S.MME_FAMILIES}
+    for split in S.POPE_SPLITS:
+        questions[f"pope/{split}"] = len(Path(world["pope_files"][split]).read_text().splitlines())
+    overall = sum(accuracy[f] * questions[f] for f in FAMILIES) / sum(questions.values())
     floor = documented["overall_all"] - documented["test_margin"]
-    assert _overall(res) >= floor, (_overall(res), floor)
+    assert overall >= floor, (overall, floor, accuracy)
     # the families the compression demo leans on (small objects) are solid on their own
-    for fam in ("mme_existence", "pope_random", "pope_popular", "pope_adversarial"):
-        assert res[fam]["acc"] >= 85.0, (fam, res[fam]["acc"])
-
-
-def test_careless_token_dropping_costs_accuracy(loaded, world, documented):
-    model, processor = loaded
-    full = E.evaluate_world(model, processor, world)
-    dropped = E.evaluate_world(model, processor, world, keep_policy="random", n_keep=64)
-    assert _overall(full) - _overall(dropped) >= 10.0
-
-
-def test_multi_seed_evaluation_reports_each_world_and_their_mean(tmp_path):
-    columns = E.main(["--model-path", str(CKPT), "--seeds", "7", "8", "--mme-images", "2", "--pope-images", "1",
-                      "--out", str(tmp_path), "--threads", "1"])
-    assert list(columns) == ["seed 7", "seed 8", "mean"]
-    assert (tmp_path / "seed7" / "MME_Benchmark_release_version").is_dir()
-    for family in E.FAMILIES:
-        accs = [columns[f"seed {s}"][family]["acc"] for s in (7, 8)]
-        assert columns["mean"][family]["acc"] == pytest.approx(sum(accs) / 2)
-        assert columns["seed 7"][family]["n"] == 4 if family.startswith("mme") else columns["seed 7"][family]["n"] > 0
-
-
-def test_training_builds_the_shipped_tokenizer(tmp_path):
-    """`train_tiny_llava` rebuilds its tokenizer from `synthetic.world_texts` on every run, also when it
-    continues from saved weights (--init-from): if that corpus drifted with the world's question
-    sampler, the continued weights would silently read other token ids."""
-    from sparsezip_pl.demo.tiny_llava import build_processor
-
-    build_processor(S.world_texts(0), tmp_path / "build").save_pretrained(tmp_path / "saved")
-    built = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
-    assert built == json.loads((CKPT / "tokenizer.json").read_text())
+    for family in ("mme/existence", "pope/random", "pope/popular", "pope/adversarial"):
+        assert accuracy[family] >= 85.0, (family, accuracy[family])

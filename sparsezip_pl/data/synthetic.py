@@ -18,6 +18,10 @@ Everything is deterministic given the seed: each image draws from its own genera
 ``(seed, purpose, index)``, so the same seed yields byte-identical files.
 
     python -m sparsezip_pl.data.synthetic --out data/generated/synth --seed 0
+
+The lab that trained the shipped tiny model on this world (``examples/tiny_llava``) reads more
+from the same scenes -- per-patch labels, each object's patches, the tokenizer corpus -- in its
+``training_world.py``.
 """
 
 from __future__ import annotations
@@ -136,7 +140,8 @@ def _size(rng: np.random.Generator, p_small: float = 0.45) -> float:
 def sample_scene(rng: np.random.Generator, force_count: tuple[str, int] | None = None,
                  pinned_sizes: list[float] | None = None) -> Scene:
     """Sample a scene: a theme, 2-5 objects (``force_count=(shape, n)`` pins one shape's count;
-    ``pinned_sizes``, n bounding-box edges, fixes the sizes of those pinned instances)."""
+    ``pinned_sizes``, n bounding-box edges, fixes the sizes of those pinned instances: the training
+    lab's area-matched counting scenes)."""
     theme = int(rng.integers(len(THEMES)))
     n = int(rng.integers(2, 6))
     shapes: list[str] = []
@@ -179,8 +184,9 @@ def sample_scene(rng: np.random.Generator, force_count: tuple[str, int] | None =
 # ----------------------------------------------------------------------------- rendering
 
 
-def _shape_mask(shape: str, cx: float, cy: float, size: float):
-    """A binary ("L") mask of one shape on a local box; returns (mask, (x0, y0))."""
+def shape_mask(shape: str, cx: float, cy: float, size: float):
+    """A binary ("L") mask of one shape on a local box; returns (mask, (x0, y0)): the pixels
+    ``render`` paints with the object's fill."""
     x0, y0 = int(cx - size / 2) - 2, int(cy - size / 2) - 2
     w = int(size) + 6
     m = Image.new("L", (w, w), 0)
@@ -225,76 +231,6 @@ def _shape_mask(shape: str, cx: float, cy: float, size: float):
     else:
         raise ValueError(shape)
     return m, (x0, y0)
-
-
-_PAD = 32  # margin of the label canvas, so a shape's mask box may cross the image border
-
-
-def _object_canvas(o: Obj, mask=None) -> np.ndarray:
-    """The object's own pixels (1.0) on a zero canvas padded by ``_PAD`` on every side
-    (``mask``: its ``_shape_mask`` when already drawn)."""
-    m, (x0, y0) = mask or _shape_mask(o.shape, o.cx, o.cy, o.size)
-    canvas = np.zeros((IMAGE_SIZE + 2 * _PAD, IMAGE_SIZE + 2 * _PAD), np.float32)
-    canvas[y0 + _PAD: y0 + _PAD + m.size[1], x0 + _PAD: x0 + _PAD + m.size[0]] = np.asarray(m) > 127
-    return canvas
-
-
-def _patch_cover(canvas: np.ndarray) -> np.ndarray:
-    """[GRID, GRID]: the share of each patch the canvas's pixels cover."""
-    return canvas[_PAD:-_PAD, _PAD:-_PAD].reshape(GRID, PATCH, GRID, PATCH).mean((1, 3))
-
-
-def patch_cover(o: Obj) -> np.ndarray:
-    """[GRID * GRID]: the share of each patch the object's own pixels cover (0..1)."""
-    return _patch_cover(_object_canvas(o)).reshape(-1)
-
-
-def object_patches(o: Obj) -> np.ndarray:
-    """Indices (row * GRID + column) of the patches the object covers by at least 20%: the
-    patches ``render``'s labels give to it."""
-    return np.flatnonzero(patch_cover(o) >= 0.2)
-
-
-def instance_map(scene: Scene) -> np.ndarray:
-    """[GRID * GRID]: the index in ``scene.objects`` of the object each patch shows (-1 =
-    background), by ``object_patches`` and drawing order (a later object covers an earlier one),
-    as ``render``'s labels assign patches."""
-    out = np.full(GRID * GRID, -1, np.int64)
-    for i, o in enumerate(scene.objects):
-        out[object_patches(o)] = i
-    return out
-
-
-def centre_patch(o: Obj) -> int:
-    """Index of the patch holding the object's centre (``render``'s ``center`` label)."""
-    return min(int(o.cy // PATCH), GRID - 1) * GRID + min(int(o.cx // PATCH), GRID - 1)
-
-
-def anchor_patch(o: Obj) -> int:
-    """Index of the patch that the object's own pixels cover most (ties: the one nearest the
-    centre). Unlike ``centre_patch`` it lies on the object: a ring's centre is a hole."""
-    cover = _patch_cover(_object_canvas(o))
-    rows, cols = np.mgrid[0:GRID, 0:GRID] * PATCH + PATCH / 2
-    return int((cover - 1e-4 * np.hypot(rows - o.cy, cols - o.cx)).argmax())
-
-
-def first_patches(scene: Scene) -> list[int]:
-    """Per object, the first patch in raster order that ``instance_map`` gives it: its top-left
-    patch. Unlike ``anchor_patch`` (which breaks ties by the distance to the centre, so it depends
-    on the whole object), a patch's own neighbourhood mostly decides whether it is this one. An
-    object hidden entirely by later ones (the generator never places one) gets its ``anchor_patch``."""
-    owner = instance_map(scene)
-    return [int(np.flatnonzero(owner == i)[0]) if (owner == i).any() else anchor_patch(o)
-            for i, o in enumerate(scene.objects)]
-
-
-def instance_anchors(scene: Scene, rule: str) -> list[int]:
-    """Per object, the one patch that stands for it: ``centre`` (``centre_patch``), ``cover``
-    (``anchor_patch``) or ``first`` (``first_patches``)."""
-    if rule == "first":
-        return first_patches(scene)
-    pick = {"centre": centre_patch, "cover": anchor_patch}[rule]
-    return [pick(o) for o in scene.objects]
 
 
 def _fill(pattern: str, w: int, cx: float, cy: float) -> np.ndarray:
@@ -351,47 +287,22 @@ def _background(style: dict) -> Image.Image:
     return img
 
 
-def render(scene: Scene, with_labels: bool = False):
-    """Render a scene to a uint8 HxWx3 array; with ``with_labels`` also per-patch labels.
-
-    Labels ([24, 24] int64): ``shape`` (0 = background, else 1 + index in SHAPES), ``color``
-    (0 = background, else 1 + index in COLOR_NAMES), ``center`` (1 on the patch holding an
-    object's centre), ``count`` (on object patches: how many objects of that shape the scene has);
-    ``occ`` ([24, 24, 49] float32): the object pixels' share of each 2x2 cell of each patch.
-    """
+def render(scene: Scene) -> np.ndarray:
+    """Render a scene to a uint8 HxWx3 array."""
     img = _background(scene.style)
-    shape_l = np.zeros((GRID, GRID), np.int64)
-    color_l = np.zeros((GRID, GRID), np.int64)
-    center_l = np.zeros((GRID, GRID), np.int64)
-    count_l = np.zeros((GRID, GRID), np.int64)
     jitter = np.random.default_rng(scene.style["noise_seed"] + 1)
-    union = np.zeros((IMAGE_SIZE + 2 * _PAD, IMAGE_SIZE + 2 * _PAD), np.float32) if with_labels else None
     for o in scene.objects:
-        m, (x0, y0) = _shape_mask(o.shape, o.cx, o.cy, o.size)
+        m, (x0, y0) = shape_mask(o.shape, o.cx, o.cy, o.size)
         col = np.clip(np.array(COLORS[o.color], np.float32) + jitter.uniform(-14, 14, 3), 0, 255)
         w = m.size[0]
         pattern = _fill(FILLS[o.shape], w, o.cx - x0, o.cy - y0)
         fill = np.where(pattern[..., None], col, col * 0.55).astype(np.uint8)
         img.paste(Image.fromarray(fill), (x0, y0), m)
-        if with_labels:
-            canvas = _object_canvas(o, (m, (x0, y0)))
-            union = np.maximum(union, canvas)
-            on = _patch_cover(canvas) >= 0.2
-            shape_l[on] = SHAPES.index(o.shape) + 1
-            color_l[on] = COLOR_NAMES.index(o.color) + 1
-            count_l[on] = scene.count(o.shape)
-            center_l.reshape(-1)[centre_patch(o)] = 1
     nrng = np.random.default_rng(scene.style["noise_seed"])
     arr = np.asarray(img, dtype=np.int16)
     arr = arr + nrng.integers(-9, 10, arr.shape, dtype=np.int16)  # triangular pixel noise, std ~7.7
     arr += nrng.integers(-9, 10, arr.shape, dtype=np.int16)
-    out = np.clip(arr, 0, 255).astype(np.uint8)
-    if with_labels:
-        # object occupancy of each patch on a 7x7 grid of 2x2-pixel cells: [24, 24, 49]
-        occ = union[_PAD:-_PAD, _PAD:-_PAD].reshape(GRID, 7, 2, GRID, 7, 2).mean((2, 5))
-        occ = occ.transpose(0, 2, 1, 3).reshape(GRID, GRID, 49)
-        return out, {"shape": shape_l, "color": color_l, "center": center_l, "count": count_l, "occ": occ}
-    return out
+    return np.clip(arr, 0, 255).astype(np.uint8)
 
 
 def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
@@ -399,11 +310,6 @@ def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def jpeg_roundtrip(arr: np.ndarray) -> np.ndarray:
-    """What a loader sees after the image went through a .jpg file."""
-    return np.asarray(Image.open(io.BytesIO(jpeg_bytes(arr))).convert("RGB"))
 
 
 # ----------------------------------------------------------------------------- questions
@@ -425,19 +331,6 @@ def q_count(shape: str, n: int) -> str:
 
 def _count_neighbours(n: int, max_count: int = MAX_PER_SHAPE) -> list[int]:
     return [m for m in (n - 1, n + 1) if 1 <= m <= max_count]
-
-
-def area_matched_sizes(rng: np.random.Generator, n: int) -> list[float]:
-    """Bounding-box edges for ``n`` instances of one shape whose total area does not depend on ``n``.
-
-    The total (in px^2) is drawn from one range for every n and split nearly evenly (+-20%), so the
-    area a shape covers tells nothing about how many instances there are: one large instance, two
-    middling or three small ones. Edges stay within the world's sizes (26-84 px).
-    """
-    total = rng.uniform(2600.0, 7000.0)
-    shares = rng.uniform(0.8, 1.2, n)
-    shares /= shares.sum()
-    return [float(np.clip(np.sqrt(total * share), 26.0, 84.0)) for share in shares]
 
 
 def draw_pinned_count(rng: np.random.Generator) -> int:
@@ -750,36 +643,6 @@ def generate_world(root: str | os.PathLike, seed: int = 0, n_mme_images: int = 3
         "instruct_image_folder": str(instruct_root),
         "world_json": str(root / "world.json"),
     }
-
-
-# The tokenizer corpus still draws count questions as the world did when the shipped tokenizer was
-# built (a wrong count could be four): its token ids must not move with the question sampler, or
-# weights trained with it (`train_tiny_llava --init-from`) would read other tokens.
-TOKENIZER_CORPUS_MAX_COUNT = MAX_PER_SHAPE + 1
-
-
-def world_texts(seed: int = 0, n: int = 400) -> list[str]:
-    """Every kind of sentence the world produces (for training a tokenizer); a frozen corpus, see
-    ``TOKENIZER_CORPUS_MAX_COUNT``."""
-    texts = []
-    max_count = TOKENIZER_CORPUS_MAX_COUNT
-    stats = world_statistics(seed, 300)
-    for i in range(n):
-        rng = rng_for(seed, "extra", i)
-        scene = sample_scene(rng)
-        for fam in MME_FAMILIES:
-            pair = yes_no_pair(scene, fam, rng, max_count)
-            if pair:
-                texts += [p + MME_SUFFIX for p in pair] + [p + SHORT_ANSWER for p in pair]
-        for probes in pope_questions(scene, rng, stats).values():
-            texts += [q_exists(s) for s, _ in probes]
-        for q, a in conversation_turns(scene, rng, max_count=max_count):
-            texts += [q, a]
-    for n_ in NUMBER_WORDS:
-        for s in SHAPES:
-            texts.append(q_count(s, n_))
-    texts += ["USER: Describe ASSISTANT: Yes", "ASSISTANT: No USER:"] * 20
-    return texts
 
 
 def main(argv=None) -> None:

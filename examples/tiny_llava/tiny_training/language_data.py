@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo.tiny_llava import Tokenized, normalize_images, pack_rows
+import training_world as W
+from tiny_llava import Tokenized, normalize_images, pack_rows
 
 YES_NO = ("Yes", "No")
 
@@ -18,7 +19,7 @@ def training_items(rng, args, stats):
         force = (S.SHAPES[int(rng.integers(len(S.SHAPES)))], S.draw_pinned_count(rng))
         # Drawn only when asked for, so runs without --count-area-match see the same scenes as before.
         if args.count_area_match > 0 and rng.random() < args.count_area_match:
-            sizes = S.area_matched_sizes(rng, force[1])
+            sizes = W.area_matched_sizes(rng, force[1])
     scene = S.sample_scene(rng, force, sizes)
     items, seen = [], set()
 
@@ -61,11 +62,11 @@ def _listing(words) -> str:
 
 def count_targets(scene, anchor: str) -> list:
     """Per object: (shape, patches, share of the object's counting mass on each) for ``--count-anchor``
-    -- one patch (``centre``, ``cover`` or ``first``: ``synthetic.instance_anchors``), or ``spread``
+    -- one patch (``centre``, ``cover`` or ``first``: ``training_world.instance_anchors``), or ``spread``
     evenly over every patch it shows, so a big and a small object weigh the same."""
     if anchor != "spread":
-        return [(o.shape, np.array([p]), np.ones(1)) for o, p in zip(scene.objects, S.instance_anchors(scene, anchor))]
-    owner = S.instance_map(scene)
+        return [(o.shape, np.array([p]), np.ones(1)) for o, p in zip(scene.objects, W.instance_anchors(scene, anchor))]
+    owner = W.instance_map(scene)
     out = []
     for i, o in enumerate(scene.objects):
         cells = np.flatnonzero(owner == i)
@@ -74,12 +75,12 @@ def count_targets(scene, anchor: str) -> list:
 
 
 def _centre_map(scene, labels, rule: str) -> np.ndarray:
-    """The keep probe's per-patch object mark: ``render``'s centre label, or each instance's
-    ``synthetic.instance_anchors`` patch under ``rule``."""
+    """The keep probe's per-patch object mark: ``render_with_labels``'s centre label, or each instance's
+    ``training_world.instance_anchors`` patch under ``rule``."""
     if rule == "centre":
         return labels["center"].reshape(-1)
     marks = np.zeros(S.GRID * S.GRID, np.int64)
-    marks[S.instance_anchors(scene, rule)] = 1
+    marks[W.instance_anchors(scene, rule)] = 1
     return marks
 
 
@@ -94,7 +95,7 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
     for i in range(start, start + n):
         rng = S.rng_for(seed, purpose, 1_000_000 + i)
         scene, items = training_items(rng, args, stats)
-        arr, labels = S.render(scene, with_labels=True)
+        arr, labels = W.render_with_labels(scene)
         objects.append(np.flatnonzero(labels["shape"].reshape(-1) > 0))
         shape_maps.append(labels["shape"].reshape(-1) * 16 + labels["color"].reshape(-1))
         centre_maps.append(_centre_map(scene, labels, args.keep_centre_label))
@@ -102,7 +103,7 @@ def lm_batch(tz: Tokenized, seed: int, start: int, n: int, args, stats, purpose:
         attributes.append([question_attributes(turns[0][0]) for turns, _ in items])
         readouts.append([readout_labels(_question_shape(turns[0][0]), scene.objects) for turns, _ in items])
         per_object_targets.append(count_targets(scene, args.count_anchor))
-        imgs.append(S.jpeg_roundtrip(arr))
+        imgs.append(W.jpeg_roundtrip(arr))
         per_image.append([tz.item(turns) for turns, _ in items])
         fams.append([(fam, turns[0][1] if fam not in ("conversation", "caption", "listing") else None,
                       _asked_target(turns[0][0], scene)) for turns, fam in items])

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo.tiny_llava import llava_config
+from tiny_llava import llava_config
 
 T0 = time.time()
 

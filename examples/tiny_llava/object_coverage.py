@@ -1,7 +1,7 @@
 """Which patches a method keeps, measured against the synthetic world's ground truth.
 
-    python bench/object_coverage.py                       # the demo's methods on 64 scenes of seed 4321
-    python bench/object_coverage.py --config configs/methods/visionzip.yaml --config configs/demo/sparsezip.yaml
+    python examples/tiny_llava/object_coverage.py                       # the demo's methods on 64 scenes of seed 4321
+    python examples/tiny_llava/object_coverage.py --config configs/methods/visionzip.yaml --config configs/demo/sparsezip.yaml
 
 For each method (its compressor block read from the CLI config files, layered in order like
 ``--config`` does), on fresh scenes rendered by ``sparsezip_pl.data.synthetic`` and fed to the
@@ -15,14 +15,19 @@ context, the merged tokens, positions).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # this checkout's sparsezip_pl, installed or not
 
-from sparsezip_pl.api import build_config
-from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.models import CompressedLlava, load_backend
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from sparsezip_pl.api import build_config  # noqa: E402
+from sparsezip_pl.data import synthetic as S  # noqa: E402
+from sparsezip_pl.models import CompressedLlava, load_backend  # noqa: E402
+import training_world as W  # noqa: E402
 
 DEFAULT_METHODS = (
     ["configs/methods/visionzip.yaml"],
@@ -54,12 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from sparsezip_pl.demo.tiny_llava import normalize_images
+    from tiny_llava import normalize_images
 
     backend = load_backend("hf", args.model_path)
     scenes = [S.sample_scene(S.rng_for(args.seed, "extra", i)) for i in range(args.images)]
-    pixels = torch.from_numpy(normalize_images(np.stack([S.jpeg_roundtrip(S.render(s)) for s in scenes])))
-    patches = [[S.object_patches(o) for o in s.objects] for s in scenes]
+    pixels = torch.from_numpy(normalize_images(np.stack([W.jpeg_roundtrip(S.render(s)) for s in scenes])))
+    patches = [[W.object_patches(o) for o in s.objects] for s in scenes]
     methods = [args.config] if args.config else DEFAULT_METHODS
 
     print(f"{args.images} scenes of world seed {args.seed}, model {args.model_path}\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sparsezip_pl.demo import evaluate as E
-from sparsezip_pl.demo.tiny_training.auxiliary_losses import COUNT_RATIO, COUNT_SHARE
+import evaluate_worlds as E
+from tiny_training.auxiliary_losses import COUNT_RATIO, COUNT_SHARE
 
 
 def dir_size(path: Path) -> int:
@@ -118,7 +118,7 @@ def write_card(out: Path, model, args, info: dict) -> None:
 The held-out world above (seed {args.eval_seed}) also served to choose between the training runs
 listed above, so its figures are biased upwards. Worlds of seeds {", ".join(others)}, which no
 choice looked at ({args.eval_mme_images} images per MME subtask, 20 per POPE split, all 576
-tokens; `python -m sparsezip_pl.demo.evaluate --seeds {" ".join(others)}` prints the same table):
+tokens; `python examples/tiny_llava/evaluate_worlds.py --seeds {" ".join(others)}` prints the same table):
 
 {E.format_table(columns)}
 
@@ -214,7 +214,7 @@ Stock path check: on the first {args.honest_images} images of each subtask / spl
 {info['honest']['agree']:.1f}% of {info['honest']['n']} questions (accuracy there: {info['honest']['acc']:.1f}%).
 
 The test `tests/test_tiny_checkpoint.py` re-checks the accuracy on a small held-out slice through
-the stock path; it allows {info['test_margin']:.0f} points below the overall all-token accuracy
-documented here ({info['overall_all']:.1f}%), for the slice's sampling noise.
+the project's `test` command (hf backend, all tokens); it allows {info['test_margin']:.0f} points below the
+overall all-token accuracy documented here ({info['overall_all']:.1f}%), for the slice's sampling noise.
 """
     (out / "MODEL_CARD.md").write_text(card)

@@ -1,4 +1,4 @@
-"""The training script end to end on a micro model (seconds): stages, saving, card, resume."""
+"""The training script end to end on a micro model: stages, saving, card, resume (a minute or two)."""
 
 import json
 import shlex
@@ -6,9 +6,11 @@ import shlex
 import pytest
 import torch
 
-from sparsezip_pl.demo import train_tiny_llava as T
-from sparsezip_pl.demo.tiny_training import common
-from sparsezip_pl.demo.tiny_training import vision_stage as vision
+import train_tiny_llava as T
+from tiny_training import common
+from tiny_training import vision_stage as vision
+
+pytestmark = pytest.mark.slow
 
 MICRO = ["--vision-width", "32", "--vision-layers", "1", "--lm-width", "48", "--lm-layers", "1", "--lm-heads", "2",
          "--vision-crop-steps", "2", "--vision-steps", "2", "--vision-batch", "2", "--lm-steps", "3", "--lm-batch", "2",
@@ -118,12 +120,12 @@ def test_init_from_a_checkpoint_folder_continues_its_weights_with_its_own_tokeni
     weights and processor (not a tokenizer rebuilt from the world's text) and its recorded times."""
     from transformers import LlavaForConditionalGeneration
 
-    from sparsezip_pl.data import synthetic
+    import training_world
 
     root, _ = micro_run
     source = root / "out"
     # were the tokenizer rebuilt from the world's text, this corpus would give another vocabulary
-    monkeypatch.setattr(synthetic, "world_texts", lambda seed=0, n=400: ["a b c d"] * 50)
+    monkeypatch.setattr(training_world, "world_texts", lambda seed=0, n=400: ["a b c d"] * 50)
     T.main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w"), *MICRO, "--lm-lr", "0",
             "--init-from", str(source)])
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()

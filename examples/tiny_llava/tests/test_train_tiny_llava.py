@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+import train_tiny_llava as T
+import training_world as W
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo import train_tiny_llava as T
-from sparsezip_pl.demo.tiny_llava import Tokenized
-from sparsezip_pl.demo.tiny_training import auxiliary_losses as losses
-from sparsezip_pl.demo.tiny_training import common
-from sparsezip_pl.demo.tiny_training import language_data as data
-from sparsezip_pl.demo.tiny_training import vision_stage as vision
+from tiny_llava import Tokenized
+from tiny_training import auxiliary_losses as losses
+from tiny_training import common
+from tiny_training import language_data as data
+from tiny_training import vision_stage as vision
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-llava-synth"
+CKPT = Path(__file__).resolve().parents[3] / "checkpoints" / "tiny-llava-synth"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_first_centre_label_marks_where_the_first_anchor_counting_loss_points():
         scene = S.sample_scene(rng, force)
         marked = set(torch.nonzero(first["center"][i].flatten()).flatten().tolist())
         targets = data.count_targets(scene, "first")
-        assert marked == {int(cells[0]) for _, cells, _ in targets} == set(S.first_patches(scene))
+        assert marked == {int(cells[0]) for _, cells, _ in targets} == set(W.first_patches(scene))
         assert [s for s, _, _ in targets] == [o.shape for o in scene.objects]
 
 
@@ -165,22 +166,19 @@ def test_spread_count_targets_weigh_every_visible_object_the_same():
     targets = data.count_targets(scene, "spread")
     first, second, star = (set(cells.tolist()) for _, cells, _ in targets)
     assert first and second and star and not first & second
-    assert second == set(S.object_patches(scene.objects[1]).tolist())  # drawn last: all its patches
-    assert len(first) < len(S.object_patches(scene.objects[0]))  # partly hidden by the second circle
+    assert second == set(W.object_patches(scene.objects[1]).tolist())  # drawn last: all its patches
+    assert len(first) < len(W.object_patches(scene.objects[0]))  # partly hidden by the second circle
     for _, cells, share in targets:
         assert share.sum() == pytest.approx(1.0)
     cover = data.count_targets(scene, "cover")
-    assert [cells.tolist() for _, cells, _ in cover] == [[S.anchor_patch(o)] for o in scene.objects]
+    assert [cells.tolist() for _, cells, _ in cover] == [[W.anchor_patch(o)] for o in scene.objects]
 
 
 def _count_attention_bench():
-    """bench/count_attention.py as a module (bench/ is not a package)."""
-    import importlib.util
+    """count_attention.py, the lab's counting-head bench, as a module."""
+    import count_attention
 
-    spec = importlib.util.spec_from_file_location("count_attention", CKPT.parents[1] / "bench/count_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return count_attention
 
 
 def test_count_attention_bench_measures_each_count_question_of_the_shipped_model(processor):
@@ -206,9 +204,14 @@ def test_count_attention_bench_threshold_accuracy_is_the_best_single_cut():
 
 def test_count_attention_bench_reads_the_anchor_a_checkpoint_was_trained_with(tmp_path):
     bench = _count_attention_bench()
-    command = "python -m sparsezip_pl.demo.train_tiny_llava --out 'some dir' --lm-steps 600"
+    command = "python examples/tiny_llava/train_tiny_llava.py --out 'some dir' --lm-steps 600"
     (tmp_path / "eval_results.json").write_text(json.dumps({"command": command + " --count-anchor cover"}))
     assert bench.trained_anchor(tmp_path) == "cover"
+    # the shipped checkpoint's run recorded the script as the package's module it then was
+    former = "python -m sparsezip_pl.demo.train_tiny_llava --out 'some dir' --lm-steps 600 --count-anchor first"
+    (tmp_path / "eval_results.json").write_text(json.dumps({"command": former}))
+    assert bench.trained_anchor(tmp_path) == "first"
+    assert bench.trained_anchor(CKPT) == "first"
     (tmp_path / "eval_results.json").write_text(json.dumps({"command": command}))
     assert bench.trained_anchor(tmp_path) == T.parse_args([]).count_anchor  # the script's default
     with pytest.raises(SystemExit, match="pass --anchor"):
@@ -277,7 +280,7 @@ def test_softmax_count_target_is_what_one_fixed_logit_per_instance_gives():
 def test_isolated_count_heads_get_no_answer_gradient_on_where_they_look(processor):
     """--isolate-count-heads: the output is unchanged and still trains head 1's values, but not its
     queries or keys; a loss on the captured queries (the counting loss's) still reaches them."""
-    from sparsezip_pl.demo.tiny_llava import shared_prefix_hidden
+    from tiny_llava import shared_prefix_hidden
 
     model = _small(processor, 2)
     last = model.model.language_model.layers[-1].self_attn
@@ -303,7 +306,7 @@ def test_isolated_count_heads_get_no_answer_gradient_on_where_they_look(processo
 
 
 def test_subset_steps_follow_p_subset_and_draw_the_same_on_a_resume():
-    from sparsezip_pl.demo.tiny_training.language_stage import subset_tokens
+    from tiny_training.language_stage import subset_tokens
 
     args = T.parse_args(["--curriculum-steps", "0", "--curriculum-ramp", "0", "--p-subset", "0.3",
                          "--subset-tokens", "64,128"])
@@ -338,5 +341,5 @@ def test_count_area_match_draws_area_matched_count_scenes_and_nothing_when_off()
         pinned = [o.size ** 2 for o in scene_on.objects if o.shape == force[0]]
         assert len(pinned) == force[1]
         areas[force[1]].append(sum(pinned))
-    # the range area_matched_sizes draws from (its independence of the count: test_synthetic)
+    # the range area_matched_sizes draws from (its independence of the count: test_training_world)
     assert all(2600 * 0.9 <= a <= 7000 * 1.1 for values in areas.values() for a in values)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo.tiny_training.language_data import SIDE_WORDS, YES_NO
+from tiny_training.language_data import SIDE_WORDS, YES_NO
 
 
 def grounding_loss(capture, packed, fams, ground, keep, n_text: int, C: int, shape_only: bool = False):

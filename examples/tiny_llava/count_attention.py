@@ -1,10 +1,10 @@
 """Where the tiny LLaVA's counting head looks, against the synthetic world's ground truth.
 
-    python bench/count_attention.py                       # the shipped model, 240 scenes of seed 2
-    python bench/count_attention.py --head 2              # another head (--count-heads in training)
-    python bench/count_attention.py --anchor-probe 300    # also: how readable the anchor patches are
+    python examples/tiny_llava/count_attention.py                       # the shipped model, 240 scenes of seed 2
+    python examples/tiny_llava/count_attention.py --head 2              # another head (--count-heads in training)
+    python examples/tiny_llava/count_attention.py --anchor-probe 300    # also: how readable the anchor patches are
 
-The training script's counting loss (``train_tiny_llava.counting_loss``) asks head 1 of the last
+The training script's counting loss (``tiny_training.auxiliary_losses.counting_loss``) asks head 1 of the last
 LLM layer, at a yes/no answer, to put 0.2 of its attention on each instance of the asked shape and
 the rest on the text prefix. For count questions on fresh training-style scenes of an unseen seed
 (all 576 visual tokens), this prints, by the true count n: the first-token accuracy, the head's
@@ -21,15 +21,19 @@ how well the anchor patches could be told apart where the counting head's keys c
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # this checkout's sparsezip_pl, installed or not
 
-from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo import train_tiny_llava as T
-from sparsezip_pl.demo.tiny_llava import Tokenized, normalize_images, shared_prefix_hidden, tower_features
-from sparsezip_pl.demo.tiny_training import language_data as data
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import train_tiny_llava as T  # noqa: E402
+from sparsezip_pl.data import synthetic as S  # noqa: E402
+from tiny_llava import Tokenized, normalize_images, shared_prefix_hidden, tower_features  # noqa: E402
+from tiny_training import language_data as data  # noqa: E402
+import training_world as W  # noqa: E402
 
 
 def measure(model, tz: Tokenized, seed: int, n_images: int, anchor: str, batch: int = 8,
@@ -121,7 +125,7 @@ def anchor_features(model, tz: Tokenized, seed: int, n_images: int, anchor: str)
     out = {"tower": [], "last": [], "label": [], "owner": []}
     for i in range(n_images):
         scene = S.sample_scene(S.rng_for(seed, "extra", 50_000 + i))
-        px = torch.from_numpy(normalize_images(S.jpeg_roundtrip(S.render(scene))[None]))
+        px = torch.from_numpy(normalize_images(W.jpeg_roundtrip(S.render(scene))[None]))
         with torch.no_grad():
             feats = tower_features(model, px)
             prefix = torch.cat([embed(torch.tensor([tz.prefix])), model.model.multi_modal_projector(feats)], 1)
@@ -129,11 +133,11 @@ def anchor_features(model, tz: Tokenized, seed: int, n_images: int, anchor: str)
             one = torch.ones(1, 1, 1, dtype=torch.long)  # a one-token row: only the prefix's inputs are read
             shared_prefix_hidden(model, prefix, embed(one * tz.prefix[0]), one * prefix.shape[1], one, None, capture)
         label = torch.zeros(S.GRID * S.GRID)
-        label[S.instance_anchors(scene, anchor)] = 1
+        label[W.instance_anchors(scene, anchor)] = 1
         out["tower"].append(feats[0])
         out["last"].append(capture["prefix_x"][0, n_text:].float())
         out["label"].append(label)
-        out["owner"].append(torch.from_numpy(S.instance_map(scene)))
+        out["owner"].append(torch.from_numpy(W.instance_map(scene)))
     return {k: torch.stack(v) for k, v in out.items()}
 
 

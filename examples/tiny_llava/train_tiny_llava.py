@@ -1,6 +1,8 @@
 """Train a tiny LLaVA-1.5 (llava-hf layout) end to end on the synthetic world, on a CPU.
 
-    python -m sparsezip_pl.demo.train_tiny_llava --out checkpoints/tiny-llava-synth
+    python examples/tiny_llava/train_tiny_llava.py --out data/generated/my-run   # from the repository root
+
+(how the shipped ``checkpoints/tiny-llava-synth`` was made: ``MODEL_CARD.md`` and ``README.md`` here).
 
 Curriculum (each stage from the previous one's weights, all seeds fixed):
 1. tokenizer: a SentencePiece BPE trained on the world's sentences; processor built by hand.
@@ -33,22 +35,27 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # this checkout's sparsezip_pl, installed or not
 
-from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo import evaluate as E
-from sparsezip_pl.demo.tiny_llava import Tokenized, build_processor, check_fast_paths
-from sparsezip_pl.demo.tiny_training.card import dir_size, write_card
-from sparsezip_pl.demo.tiny_training.common import build, grown_state, log, param_counts, reinit_heads
-from sparsezip_pl.demo.tiny_training.language_data import lm_batch
-from sparsezip_pl.demo.tiny_training.language_stage import train_lm
-from sparsezip_pl.demo.tiny_training.vision_stage import train_vision
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import evaluate_worlds as E  # noqa: E402
+from sparsezip_pl.data import synthetic as S  # noqa: E402
+from tiny_llava import Tokenized, build_processor, check_fast_paths  # noqa: E402
+from tiny_training.card import dir_size, write_card  # noqa: E402
+from tiny_training.common import build, grown_state, log, param_counts, reinit_heads  # noqa: E402
+from tiny_training.language_data import lm_batch  # noqa: E402
+from tiny_training.language_stage import train_lm  # noqa: E402
+from tiny_training.vision_stage import train_vision  # noqa: E402
+import training_world as W  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the tiny synthetic-world LLaVA.")
-    p.add_argument("--out", default="checkpoints/tiny-llava-synth")
+    p.add_argument("--out", default="data/generated/tiny-llava-synth",
+                   help="the checkpoint folder to write (replaced if it exists; the shipped "
+                        "checkpoints/tiny-llava-synth is frozen: write elsewhere)")
     p.add_argument("--workdir", default="data/generated/tiny_llava_work",
                    help="intermediate checkpoints and the held-out world (kept out of git)")
     p.add_argument("--seed", type=int, default=0)
@@ -91,7 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--curriculum-tokens", type=int, default=64)
     p.add_argument("--count-area-match", type=float, default=0.0,
                    help="share of counting scenes (--p-count-scene) whose counted instances share one total "
-                        "area whatever their number (synthetic.area_matched_sizes), so that area cannot stand in "
+                        "area whatever their number (training_world.area_matched_sizes), so that area cannot stand in "
                         "for the count")
     p.add_argument("--p-subset", type=float, default=0.0,
                    help="after the curriculum, the share of language steps that see only a subset of the visual "
@@ -196,18 +203,27 @@ def head_list(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- main
 
 
+# How a run records its command (from the repository root), and how runs recorded it while the
+# script was a module of the package (the shipped checkpoint's eval_results.json, the card's history).
+SCRIPT = "examples/tiny_llava/train_tiny_llava.py"
+FORMER_MODULE = "sparsezip_pl.demo.train_tiny_llava"
+
+
 def recorded_args(folder: str | os.PathLike) -> argparse.Namespace:
     """The options of the training command recorded in a checkpoint folder's ``eval_results.json``
-    (defaults filled in as for the run itself)."""
+    (defaults filled in as for the run itself); the script named as ``SCRIPT`` or ``FORMER_MODULE``."""
     command = shlex.split(json.loads((Path(folder) / "eval_results.json").read_text())["command"])
-    return parse_args(command[command.index("sparsezip_pl.demo.train_tiny_llava") + 1:])
+    start = next((i for i, word in enumerate(command) if word in (SCRIPT, FORMER_MODULE)), None)
+    if start is None:
+        raise ValueError(f"no {SCRIPT} (or {FORMER_MODULE}) in the recorded command {shlex.join(command)!r}")
+    return parse_args(command[start + 1:])
 
 
 def load_init(path: str | os.PathLike) -> dict:
     """What ``--init-from`` continues from: ``{model, processor, stage, step, vision_time, earlier_attempt}``.
 
     ``path`` is a training state this script saved (``state.pt``, kept out of git; ``processor`` is
-    then ``None`` and the tokenizer is rebuilt from the world's text, which ``synthetic.world_texts``
+    then ``None`` and the tokenizer is rebuilt from the world's text, which ``training_world.world_texts``
     keeps fixed) or a checkpoint folder it wrote (``checkpoints/tiny-llava-synth``): the folder's
     weights and processor, the language step its run ended at and the training time its
     ``eval_results.json`` recorded, so a clean clone can continue the shipped model."""
@@ -237,7 +253,7 @@ def load_init(path: str | os.PathLike) -> dict:
 def derived_info(args, init_step: int | None = None) -> dict:
     """Figures the card needs besides the measurements: the mix of the training data and the
     language step ``--init-from`` was saved at."""
-    processor = build_processor(S.world_texts(args.seed), Path(args.workdir) / "processor_build", args.vocab_size)
+    processor = build_processor(W.world_texts(args.seed), Path(args.workdir) / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     stats = S.world_statistics(args.seed)
     _, _, fams, _, _ = lm_batch(tz, args.seed, 0, 64, args, stats)
@@ -307,7 +323,7 @@ def main(argv=None) -> None:
     out, work = Path(args.out), Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     # shlex.join: an empty or spaced argument (--other-seeds "") must survive a round trip (recorded_args)
-    command = "python -m sparsezip_pl.demo.train_tiny_llava " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = f"python {SCRIPT} " + shlex.join(sys.argv[1:] if argv is None else argv)
     log(f"args: {vars(args)}")
     if args.card_only:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -334,7 +350,7 @@ def main(argv=None) -> None:
 
     init = load_init(args.init_from) if args.init_from else None
     processor = (init and init["processor"]) or \
-        build_processor(S.world_texts(args.seed), work / "processor_build", args.vocab_size)
+        build_processor(W.world_texts(args.seed), work / "processor_build", args.vocab_size)
     tz = Tokenized(processor)
     model = build(args, processor)
     pc = param_counts(model)

@@ -1,8 +1,8 @@
 """How much of the tiny model's MME-style score can any 64 patch tokens keep? An oracle answers.
 
-    python bench/oracle_selection.py                  # the demo's test world's MME images (seed 1234, 40 per subtask)
-    python bench/oracle_selection.py --seed 4321 --mme-images 20   # the demo's development world's
-    python bench/oracle_selection.py --budgets 64 96 128 192   # where the oracle reaches 95%
+    python examples/tiny_llava/oracle_selection.py                  # the demo's test world's MME images (seed 1234, 40 per subtask)
+    python examples/tiny_llava/oracle_selection.py --seed 4321 --mme-images 20   # the demo's development world's
+    python examples/tiny_llava/oracle_selection.py --budgets 64 96 128 192   # where the oracle reaches 95%
 
 It writes the MME part of a synthetic world (``synthetic.generate_world``: with the demo's seed
 and size, the demo's test images exactly) and regenerates every image's scene from the seed
@@ -17,18 +17,22 @@ test path (``MMEDataModule``, the backend's batch builder, ``CompressedLlava.gen
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from object_coverage import compressor_settings
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # this checkout's sparsezip_pl, installed or not
 
-from sparsezip_pl.api import build_config
-from sparsezip_pl.compress import CompressionOutput
-from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.data.datamodules import MMEDataModule
-from sparsezip_pl.lit.metrics import MMEScore
-from sparsezip_pl.models import CompressedLlava, load_backend
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from object_coverage import compressor_settings  # noqa: E402
+from sparsezip_pl.api import build_config  # noqa: E402
+from sparsezip_pl.compress import CompressionOutput  # noqa: E402
+from sparsezip_pl.data import synthetic as S  # noqa: E402
+from sparsezip_pl.data.datamodules import MMEDataModule  # noqa: E402
+from sparsezip_pl.lit.metrics import MMEScore  # noqa: E402
+from sparsezip_pl.models import CompressedLlava, load_backend  # noqa: E402
+import training_world as W  # noqa: E402
 
 FAMILIES = S.MME_FAMILIES
 
@@ -49,7 +53,7 @@ def object_cover(scene: S.Scene) -> np.ndarray:
     """[GRID * GRID]: the largest share of each patch one of the scene's objects covers."""
     cover = np.zeros(S.GRID * S.GRID, np.float32)
     for o in scene.objects:
-        cover = np.maximum(cover, S.patch_cover(o))
+        cover = np.maximum(cover, W.patch_cover(o))
     return cover
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparsezip_pl.demo.tiny_llava import Tokenized, shared_prefix_hidden, tower_features
-from sparsezip_pl.demo.tiny_training.auxiliary_losses import (
+from tiny_llava import Tokenized, shared_prefix_hidden, tower_features
+from tiny_training.auxiliary_losses import (
     RouteHeads,
     counting_loss,
     grounding_loss,
@@ -19,8 +19,8 @@ from sparsezip_pl.demo.tiny_training.auxiliary_losses import (
     readout_loss,
     routing_loss,
 )
-from sparsezip_pl.demo.tiny_training.common import cosine, log, save_state
-from sparsezip_pl.demo.tiny_training.language_data import YES_NO, lm_batch
+from tiny_training.common import cosine, log, save_state
+from tiny_training.language_data import YES_NO, lm_batch
 
 
 def lm_forward(model, tz: Tokenized, px, packed, keep=None, fams=None, ground=None, aux_weight: float = 0.0,

@@ -1,19 +1,17 @@
-"""bench/oracle_selection.py: the scenes it regenerates are the world's, its selection is the oracle's."""
-
-import importlib
+"""oracle_selection.py: the scenes it regenerates are the world's, its selection is the oracle's."""
 
 import numpy as np
 import pytest
 
+import training_world as W
 from sparsezip_pl.data import synthetic as S
 
 
 @pytest.fixture
-def oracle(monkeypatch):
-    from pathlib import Path
+def oracle():
+    import oracle_selection
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
-    return importlib.import_module("oracle_selection")
+    return oracle_selection
 
 
 def test_world_scenes_are_the_ones_the_world_was_drawn_from(oracle, tmp_path):
@@ -29,7 +27,7 @@ def test_world_scenes_are_the_ones_the_world_was_drawn_from(oracle, tmp_path):
 
 def test_oracle_keeps_object_patches_first_then_spreads_the_rest(oracle):
     scene = S.Scene([S.Obj("circle", "red", 60, 60, 40), S.Obj("star", "blue", 250, 250, 30)], theme=0)
-    on_objects = set(np.flatnonzero(S.instance_map(scene) >= 0).tolist())
+    on_objects = set(np.flatnonzero(W.instance_map(scene) >= 0).tolist())
     keep = oracle.oracle_patches(scene, 64)
     assert len(keep) == 64 == len(set(keep.tolist())) and np.all(np.diff(keep) > 0)
     assert on_objects <= set(keep.tolist())

@@ -1,4 +1,4 @@
-"""The pieces of ``python -m sparsezip_pl.demo.train_tiny_llava`` (the script holds the options and
+"""The pieces of ``examples/tiny_llava/train_tiny_llava.py`` (the script holds the options and
 the order of the stages; its docstring describes the curriculum).
 
 - ``common``: the model it builds (llava-hf layout), the learning-rate schedule, logging, saving.

@@ -11,8 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.demo.tiny_llava import normalize_images, tower_features
-from sparsezip_pl.demo.tiny_training.common import cosine, log, save_state
+import training_world as W
+from tiny_llava import normalize_images, tower_features
+from tiny_training.common import cosine, log, save_state
 
 
 class VisionHeads(nn.Module):
@@ -48,14 +49,14 @@ def vision_batch(seed: int, start: int, n: int, centre_label: str = "centre"):
         rng = S.rng_for(seed, "train", i)
         force = (S.SHAPES[int(rng.integers(ns))], int(rng.integers(1, 4))) if rng.random() < 0.4 else None
         scene = S.sample_scene(rng, force)
-        arr, labels = S.render(scene, with_labels=True)
-        owner = S.instance_map(scene)
+        arr, labels = W.render_with_labels(scene)
+        owner = W.instance_map(scene)
         area = np.bincount(owner[owner >= 0], minlength=len(scene.objects)).astype(np.float32)
         labels["size"] = np.where(owner >= 0, np.log(np.maximum(area[owner], 1.0)), 0.0).reshape(S.GRID, S.GRID)
         if centre_label != "centre":
             labels["center"] = np.zeros_like(labels["center"])
-            labels["center"].flat[S.instance_anchors(scene, "cover" if centre_label == "anchor" else centre_label)] = 1
-        imgs.append(S.jpeg_roundtrip(arr))
+            labels["center"].flat[W.instance_anchors(scene, "cover" if centre_label == "anchor" else centre_label)] = 1
+        imgs.append(W.jpeg_roundtrip(arr))
         for k in lab:
             lab[k].append(labels[k])
         pr, pa, co = np.zeros(ns), np.zeros(ns * nc), np.zeros(ns, np.int64)

@@ -1,6 +1,6 @@
 """Evaluate a LLaVA on the synthetic world's MME / POPE files (parsing rules of FORMATS.md).
 
-    python -m sparsezip_pl.demo.evaluate --seeds 2 3 5 6 1234   # the shipped tiny model, all tokens
+    python examples/tiny_llava/evaluate_worlds.py --seeds 2 3 5 6 1234   # the shipped tiny model, all tokens
 
 writes a world per seed under ``--out`` and prints accuracy per family and world, and the mean.
 
@@ -9,24 +9,30 @@ Two ways to answer, giving the same greedy answers for the full token set:
 - default (fast): the image's projected features are computed once per image and spliced into
   ``inputs_embeds`` for all its questions. It can also keep only a subset of the 576 visual tokens
   (in their original order), which is how careless token dropping is measured.
+
+This is the training lab's own reader, prompt builder and scorer (the training script and its card
+use it); the project scores with ``python -m sparsezip_pl test`` (the demo's ``make demo``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import zlib
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # this checkout's sparsezip_pl, installed or not
 
-from sparsezip_pl.data.answers import parse_mme_answer as parse_mme
-from sparsezip_pl.data.answers import parse_pope_answer as parse_pope
-from sparsezip_pl.data.synthetic import MME_SUFFIX, SHORT_ANSWER
-from sparsezip_pl.demo.tiny_llava import user_turn
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sparsezip_pl.data.answers import parse_mme_answer as parse_mme  # noqa: E402
+from sparsezip_pl.data.answers import parse_pope_answer as parse_pope  # noqa: E402
+from sparsezip_pl.data.synthetic import MME_SUFFIX, SHORT_ANSWER  # noqa: E402
+from tiny_llava import user_turn  # noqa: E402
 
 N_PATCHES = 576
 
