@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from sparsezip_pl.data import synthetic as S
-from sparsezip_pl.data.answers import parse_mme_answer
+from sparsezip_pl.benchmarks.mme import parse_mme_answer
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "checkpoints" / "tiny-llava-synth"

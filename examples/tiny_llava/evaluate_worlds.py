@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sparsezip_pl.data.answers import parse_mme_answer as parse_mme  # noqa: E402
-from sparsezip_pl.data.answers import parse_pope_answer as parse_pope  # noqa: E402
+from sparsezip_pl.benchmarks.mme import parse_mme_answer as parse_mme  # noqa: E402
+from sparsezip_pl.benchmarks.pope import parse_pope_answer as parse_pope  # noqa: E402
 from sparsezip_pl.data.synthetic import MME_SUFFIX, SHORT_ANSWER  # noqa: E402
 from tiny_llava import user_turn  # noqa: E402
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | tokens / image | object patches kept: small | large | objects with a kept patch |")
     print("|---|---:|---:|---:|---:|")
     for paths in methods:
-        model = CompressedLlava(backend, build_config(**compressor_settings(paths))).eval()
+        model = CompressedLlava(backend, build_config(compressor_settings(paths))).eval()
         with torch.no_grad():
             out = model.compress(pixels)
         kept_share = {True: [], False: []}

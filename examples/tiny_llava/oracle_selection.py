@@ -29,8 +29,8 @@ from object_coverage import compressor_settings  # noqa: E402
 from sparsezip_pl.api import build_config  # noqa: E402
 from sparsezip_pl.compress import CompressionOutput  # noqa: E402
 from sparsezip_pl.data import synthetic as S  # noqa: E402
-from sparsezip_pl.data.datamodules import MMEDataModule  # noqa: E402
-from sparsezip_pl.lit.metrics import MMEScore  # noqa: E402
+from sparsezip_pl.lit.datamodules import MMEDataModule  # noqa: E402
+from sparsezip_pl.benchmarks import MMEScore  # noqa: E402
 from sparsezip_pl.models import CompressedLlava, load_backend  # noqa: E402
 import training_world as W  # noqa: E402
 
@@ -72,7 +72,7 @@ class OracleLlava(CompressedLlava):
     """Keeps the patches ``oracle_patches`` names for each image of the batch (no merged tokens)."""
 
     def __init__(self, backend, scenes: dict[str, S.Scene], budget: int) -> None:
-        super().__init__(backend, build_config(method="none", visual_positions="original"))
+        super().__init__(backend, build_config(method="none"), visual_positions="original")
         self.scenes, self.budget, self.batch_keys = scenes, budget, []
 
     def compress(self, pixel_values, method=None, text_embeds=None, text_mask=None) -> CompressionOutput:
@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     backend = load_backend("hf", args.model_path)
     datamodule = MMEDataModule(str(mme_root), subtasks=list(FAMILIES), batch_size=8)
     datamodule.collate_fn = backend.batch_builder("generate")
-    default = compressor_settings(["configs/demo/sparsezip.yaml", "configs/demo/original_positions.yaml"])
+    default = compressor_settings(["configs/demo/sparsezip.yaml"])
     rows = {
         "none (all 576)": CompressedLlava(backend, build_config(method="none")),
-        "sparsezip default, original positions": CompressedLlava(backend, build_config(**default)),
+        "sparsezip default, original positions": CompressedLlava(backend, build_config(default),
+                                                                 visual_positions="original"),
     }
     for budget in args.budgets:
         rows[f"oracle: object patches + spread background, {budget}, original positions"] = OracleLlava(

@@ -2,7 +2,7 @@
 method (built from the registry, so a new method file brings its section along).
 
     compressor:
-      method: divprune          # any registered name (python -m sparsezip_pl.methods lists them)
+      method: divprune          # any registered name (python -m sparsezip_pl.compress lists them)
       budget: 64                # visual tokens reaching the LLM per image, or a fraction (0.11)
       divprune: {...}           # that method's own options; the other sections are ignored
 
@@ -37,7 +37,7 @@ class CompressorSettings:
 
     method: str = "sparsezip"
     """A registered method: ``none``, ``sparsezip``, ``visionzip``, ... (``python -m
-    sparsezip_pl.methods`` lists them with where they act)."""
+    sparsezip_pl.compress`` lists them, where they act and their options)."""
     budget: Optional[Union[int, float]] = None  # noqa: UP007, UP045 (jsonargparse: 64 or 0.111)
     """Visual tokens per image reaching the LLM (an int, e.g. 64, 128, 192) or a fraction of the
     stock count (a float below 1). Fixed-budget methods hit it exactly; SparseZip's dynamic K
