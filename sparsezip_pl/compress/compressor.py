@@ -27,9 +27,11 @@ from .types import CompressionOutput, Geometry, VisionCapture
 
 @register_method("sparsezip", config=SparseZipOptions)
 class SparseZipCompressor(VisionMethod):
-    """SparseZip: hybrid importance (attention, entropy, mutual information; several layers fused
-    by learned gates; optionally text-aware), K per image, and the rest merged into contextual
-    tokens by k-means++ / agglomerative clustering.
+    """SparseZip: trainable hybrid importance, K per image, the rest merged into contextual tokens.
+
+    Importance: attention, entropy and a mutual-information proxy, several layers fused by
+    learned gates, optionally text-aware; contextual tokens by k-means++ / agglomerative
+    clustering.
 
     Args:
         config: SparseZip's options (validated here; bad values raise ValueError). The flat
