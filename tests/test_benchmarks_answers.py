@@ -1,4 +1,4 @@
-"""Answer parsing: every branch of FORMATS.md's MME and POPE rules."""
+"""Answer parsing: every branch of docs/formats.md's MME and POPE rules."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Scoring terms against naive float64 implementations of DESIGN.md section 2."""
+"""Scoring terms against naive float64 implementations of docs/design.md section 2."""
 
 import math
 
@@ -123,7 +123,7 @@ def test_text_relevance_matches_naive():
 
 
 def _naive_scores(comp, cap, text=None, text_mask=None):
-    """DESIGN.md's fused score, written out term by term in float64."""
+    """docs/design.md's fused score, written out term by term in float64."""
     cfg = comp.config
     per_layer = []
     for layer in range(cap.queries.shape[0]):

@@ -163,7 +163,7 @@ def test_ckpt_path_keeps_the_given_settings_and_warns_about_differences(tmp_path
 
 
 def _mme_reference(records):
-    """MME acc / acc+ / score per subtask by FORMATS.md's rules, computed independently."""
+    """MME acc / acc+ / score per subtask by docs/formats.md's rules, computed independently."""
 
     def parse(text):
         text = text.lower().strip().replace(".", "")

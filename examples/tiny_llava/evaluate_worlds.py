@@ -1,4 +1,4 @@
-"""Evaluate a LLaVA on the synthetic world's MME / POPE files (parsing rules of FORMATS.md).
+"""Evaluate a LLaVA on the synthetic world's MME / POPE files (parsing rules of docs/formats.md).
 
     python examples/tiny_llava/evaluate_worlds.py --seeds 2 3 5 6 1234   # the shipped tiny model, all tokens
 
@@ -37,7 +37,7 @@ from tiny_llava import user_turn  # noqa: E402
 N_PATCHES = 576
 
 
-# ----------------------------------------------------------------------------- parsing (FORMATS.md)
+# ----------------------------------------------------------------------------- parsing (docs/formats.md)
 
 
 def mme_prompt(question: str) -> str:

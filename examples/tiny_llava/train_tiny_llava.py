@@ -20,7 +20,7 @@ Curriculum (each stage from the previous one's weights, all seeds fixed):
    plus some background, then all 576), caption and listing items, and a grounding loss on where
    the answer position's attention looks (``grounding_loss``).
 4. evaluation on a held-out world (another seed) written to disk in the official layouts: greedy
-   decoding, FORMATS.md parsing, all 576 tokens and careless 64-token subsets; a model card with
+   decoding, docs/formats.md parsing, all 576 tokens and careless 64-token subsets; a model card with
    every figure from this run.
 """
 

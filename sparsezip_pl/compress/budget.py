@@ -1,4 +1,4 @@
-"""How many dominant patches each image keeps (dynamic K) and which ones (DESIGN.md sections 2-3).
+"""How many dominant patches each image keeps (dynamic K) and which ones (docs/design.md sections 2-3).
 
 K is a [B] long tensor computed on the device: no host sync, no data-dependent shapes. The
 selection takes one ``topk`` of the largest possible budget and masks the ranks beyond each

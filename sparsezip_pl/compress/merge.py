@@ -2,7 +2,7 @@
 
 Two merges, both batched over images with per-image leftover sets given as a boolean mask:
 
-* :func:`hierarchical_plan` (SparseZip, DESIGN.md section 2): weighted spherical k-means on the
+* :func:`hierarchical_plan` (SparseZip, docs/design.md section 2): weighted spherical k-means on the
   unit head-averaged keys with deterministic k-means++ seeding, optional agglomerative merging of
   the centroids down to ``C_ctx``, and score-weighted averages of the members' hidden states.
 * :func:`anchor_plan` (VisionZip): uniformly spaced anchors among the leftovers, argmax

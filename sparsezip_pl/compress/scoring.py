@@ -1,4 +1,4 @@
-"""Per-patch importance scores (DESIGN.md section 2).
+"""Per-patch importance scores (docs/design.md section 2).
 
 All functions work on float32 tensors and are batched; several scoring layers are handled by
 folding the layer axis into the batch axis. Nothing here builds an L x L attention map: the CLS

@@ -1,4 +1,4 @@
-"""What every method receives and returns (DESIGN.md section 2; ``docs/design.md`` in this repo).
+"""What every method receives and returns (docs/design.md, section 2).
 
 Two hook points exist, and a method works at one of them:
 

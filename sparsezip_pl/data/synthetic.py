@@ -12,7 +12,7 @@ From the scenes come yes/no questions that mirror MME's ``existence``, ``count``
 ``position`` subtasks (pairs: one "Yes", one "No"; count pairs are balanced so that their text
 alone answers at chance, see ``count_pair``), POPE's ``random`` / ``popular`` /
 ``adversarial`` object probing, and LLaVA-Instruct style multi-turn conversations. Files are
-written in the official layouts (see FORMATS.md) so the project's real loaders read them unchanged.
+written in the official layouts (see docs/formats.md) so the project's real loaders read them unchanged.
 
 Everything is deterministic given the seed: each image draws from its own generator seeded by
 ``(seed, purpose, index)``, so the same seed yields byte-identical files.

@@ -198,7 +198,7 @@ with 2 cores shared with other jobs (threads per run: `--threads`, default 1). H
 
 {REEVALUATED if info.get("reevaluated") else ""}Held-out world: `generate_world(seed={args.eval_seed}, n_mme_images={args.eval_mme_images}, n_pope_images={args.eval_pope_images})`,
 read back from its files (MME txt, POPE json lines), greedy decoding of up to 3 tokens, answers
-parsed with FORMATS.md's MME and POPE rules. Accuracy in % (MME: per question; POPE: per probe).
+parsed with docs/formats.md's MME and POPE rules. Accuracy in % (MME: per question; POPE: per probe).
 "random 64" / "uniform stride 64" keep 64 of the 576 visual tokens (a random subset per image / a
 uniform 8x8 grid) in their original order, the careless baselines the compressor must beat.
 
