@@ -52,7 +52,8 @@ def test_half_precision_model_trains_and_answers(dtype, method, uniform):
     module.train()
     loss, logs, compression = module._tuning_loss(module.collate_fn("train")(samples))
     assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in logs.values()), logs
-    loss.backward()
+    if method == "sparsezip":  # visionzip has nothing to train
+        loss.backward()
     grads = [p.grad for p in module.model.trainable_parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     if method == "sparsezip":
