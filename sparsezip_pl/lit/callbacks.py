@@ -103,7 +103,7 @@ class TokenBudgetLogger(L.Callback):
             return
         compression = outputs["compression"]
         self._num_patches = compression.cluster_map.shape[1]
-        self._tokens.append(compression.num_tokens.detach().cpu())
+        self._tokens.append(compression.visual_tokens.detach().cpu())
         self._dominant.append(compression.num_dominant.detach().cpu())
 
     def _summary(self, tokens: torch.Tensor, dominant: torch.Tensor, pl_module) -> dict[str, float]:
