@@ -84,3 +84,29 @@ def test_pruned_generation_with_the_cache_equals_a_recompute_that_drops_the_same
         mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
     assert torch.equal(generated[:, :5], torch.stack(tokens, dim=1))
+
+
+def test_the_family_gives_the_rotary_embeddings_the_decoder_hands_its_layers(backend):
+    """What the hook recomputes for renumbered positions (PyramidDrop) is what the decoder would
+    have computed for them."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["inputs"] = (args[0] if args else kwargs["hidden_states"], kwargs["position_ids"],
+                          kwargs["position_embeddings"])
+
+    handle = backend.decoder_layers()[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            CompressedLlava(backend, CompressorConfig(method="none"))(
+                backend.batch_builder("generate")(synthetic_samples(2, seed=5)))
+    finally:
+        handle.remove()
+    hidden, positions, (cos, sin) = seen["inputs"]
+    assert positions.shape == hidden.shape[:2] and int(positions.max()) > 50
+    got_cos, got_sin = backend.rotary_embeddings(hidden, positions)
+    assert torch.equal(got_cos, cos) and torch.equal(got_sin, sin)
+    # Rows of chosen positions only: the same rows as in the whole.
+    part_cos, part_sin = backend.rotary_embeddings(hidden[:, ::3], positions[:, ::3])
+    assert torch.equal(part_cos, cos[:, ::3]) and torch.equal(part_sin, sin[:, ::3])
+    assert not torch.equal(backend.rotary_embeddings(hidden, positions + 1)[0], cos)

@@ -107,7 +107,10 @@ class LLMMethod(nn.Module):
     Before each decoder layer in :meth:`prune_layers`, the decoder hook calls :meth:`select`
     with the layer's input state (:class:`~sparsezip_pl.models.llm_hook.PruneState`); the method
     returns, per row, the indices (into the visual tokens still present) that later layers keep.
-    Kept tokens keep their position ids.
+    Kept tokens keep their position ids, unless :attr:`renumber_positions` is set: then, from each
+    pruning layer on, they are renumbered contiguously (see :mod:`sparsezip_pl.models.llm_hook`).
+    After a run the decoder's visual tokens, averaged over its layers, are reported in
+    :attr:`~sparsezip_pl.compress.types.CompressionOutput.llm_visual_tokens`.
 
     Args:
         config: the method's own config dataclass.
@@ -118,6 +121,8 @@ class LLMMethod(nn.Module):
     """
 
     method_name = ""
+    #: renumber the kept rows' positions contiguously from each pruning layer on (PyramidDrop)
+    renumber_positions = False
 
     def __init__(self, config: Any, geometry: Geometry, budget: int | float | None = None) -> None:
         super().__init__()

@@ -41,7 +41,9 @@ class CompressorSettings:
     budget: Optional[Union[int, float]] = None  # noqa: UP007, UP045 (jsonargparse: 64 or 0.111)
     """Visual tokens per image reaching the LLM (an int, e.g. 64, 128, 192) or a fraction of the
     stock count (a float below 1). Fixed-budget methods hit it exactly; SparseZip's dynamic K
-    spends at most that many per image. None: the method's own default settings."""
+    spends at most that many per image. LLM-side methods (``fastv``, ``pdrop``) read it as the
+    visual tokens averaged over the decoder's layers (the papers' convention; see each method).
+    None: the method's own default settings."""
     visual_positions: Optional[VisualPositions] = None  # noqa: UP045
     """Deprecated here: ``visual_positions`` is a model setting (the module's and ``sparsezip()``'s)."""
 

@@ -95,6 +95,11 @@ class CompressionOutput:
                     patch its own, CLS patch 0, a merged token the patch nearest the weighted
                     centroid of its members; 0 on padding. Used when the LLM is given the tokens'
                     original positions (``visual_positions="original"``).
+    llm_visual_tokens: [B] float, set after an LLM-side method ran: the visual tokens per row the
+                    decoder layers saw, averaged over all layers (the papers' "average tokens" of
+                    in-LLM methods); None for vision-side methods, whose LLM sees ``num_tokens`` in
+                    every layer. The output of an LLM-side method is otherwise the stock one.
+    llm_visual_tokens_final: [B] long, with ``llm_visual_tokens``: those the last layer saw.
     """
 
     tokens: torch.Tensor
@@ -106,11 +111,19 @@ class CompressionOutput:
     scores: torch.Tensor
     expected_tokens: torch.Tensor
     positions: torch.Tensor
+    llm_visual_tokens: torch.Tensor | None = None
+    llm_visual_tokens_final: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> torch.Tensor:
         """[B] long, real visual tokens per row."""
         return self.mask.sum(dim=1)
+
+    @property
+    def visual_tokens(self) -> torch.Tensor:
+        """[B] the visual tokens per row the LLM worked on, the figure to report as the budget:
+        ``llm_visual_tokens`` (float) when an LLM-side method set it, else ``num_tokens`` (long)."""
+        return self.num_tokens if self.llm_visual_tokens is None else self.llm_visual_tokens
 
     @property
     def num_patches(self) -> int:

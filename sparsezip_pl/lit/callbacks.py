@@ -129,7 +129,7 @@ class TokenBudgetLogger(L.Callback):
         compression = outputs.get("compression") if isinstance(outputs, dict) else None
         if compression is None:
             return
-        self._tokens.append(compression.num_tokens.detach().cpu())
+        self._tokens.append(compression.visual_tokens.detach().cpu())
         self._dominant.append(compression.num_dominant.detach().cpu())
         self._stock.append(torch.full_like(self._tokens[-1], compression.num_patches))
 

@@ -339,7 +339,7 @@ class SparseZipModule(L.LightningModule):
         generated, compression = self.model.generate(batch, max_new_tokens=self.hparams.max_new_tokens)
         texts = self.backend.decode(generated)
         records = []
-        tokens = compression.num_tokens.tolist()
+        tokens = compression.visual_tokens.tolist()  # an LLM-side method's: the mean over decoder layers
         dominant = compression.num_dominant.tolist()
         stock = compression.num_patches
         for meta, text, n_tokens, n_dominant in zip(batch["meta"], texts, tokens, dominant):
@@ -356,7 +356,7 @@ class SparseZipModule(L.LightningModule):
                     "prediction": text,
                     "parsed": parser(text),
                     "answer": meta.get("answer"),
-                    "visual_tokens": int(n_tokens),
+                    "visual_tokens": n_tokens,
                     "dominant_tokens": int(n_dominant),
                     "stock_visual_tokens": stock,
                 }

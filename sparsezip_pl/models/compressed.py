@@ -3,6 +3,7 @@ vision tower and its LLM (vision side) or inside its decoder (LLM side)."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -210,10 +211,11 @@ class CompressedLlava(nn.Module):
         ``method="none"`` runs the stock path (all patches), e.g. for a distillation teacher.
         """
         spliced, compression = self.prepare_inputs(batch, method)
-        with self._pruning(spliced, method):
+        with self._pruning(spliced, method) as pruning:
             output = self.backend.language_model(
                 spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids, labels=spliced.labels
             )
+        compression = self._seen_by_llm(compression, pruning)
         return CompressedLlavaOutput(
             logits=output.logits,
             loss=getattr(output, "loss", None),
@@ -228,20 +230,30 @@ class CompressedLlava(nn.Module):
     def generate(
         self, batch: dict[str, Any], max_new_tokens: int = 16, method: str | None = None, **kwargs
     ) -> tuple[torch.Tensor, CompressionOutput]:
-        """Greedy decoding (by default) after the compressed prefill: new ids [B, new] and the compression."""
+        """Greedy decoding (by default) after the compressed prefill: new ids [B, new] and the
+        compression (after an LLM-side method, with the visual tokens its decoder layers saw)."""
         spliced, compression = self.prepare_inputs(batch, method)
         if self.visual_positions == "original":
             # Decoding continues from the last prompt position + 1 (transformers' generate extends
             # given position ids); the default, from the attention mask, would count real tokens.
             kwargs.setdefault("position_ids", spliced.position_ids)
-        with self._pruning(spliced, method):
+        with self._pruning(spliced, method) as pruning:
             generated = self.backend.generate(
                 spliced.inputs_embeds, spliced.attention_mask, max_new_tokens=max_new_tokens, **kwargs
             )
-        return generated, compression
+        return generated, self._seen_by_llm(compression, pruning)
 
     def _pruning(self, spliced: SplicedInputs, method: str | None):
         """The LLM-side method's hooks for the duration of a call (nothing for vision-side methods)."""
         if not self.llm_side or method == "none":
             return nullcontext()
         return llm_pruning(self.backend, self.compressor, spliced.visual_mask, spliced.attention_mask.bool())
+
+    @staticmethod
+    def _seen_by_llm(compression: CompressionOutput, pruning) -> CompressionOutput:
+        """The compression with the visual tokens the decoder layers saw (mean over layers, and in
+        the last layer) when an LLM-side method pruned; unchanged otherwise."""
+        seen = None if pruning is None else pruning.visual_tokens()
+        if seen is None:
+            return compression
+        return dataclasses.replace(compression, llm_visual_tokens=seen[0], llm_visual_tokens_final=seen[1])

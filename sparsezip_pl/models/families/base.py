@@ -270,6 +270,12 @@ class ModelFamily:
         """The rotary embedding the attention module applies (its modeling file's ``apply_rotary_pos_emb``)."""
         return default_apply_rotary(attention, q, k, cos, sin)
 
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The rotary embeddings ``(cos, sin)`` the decoder hands its layers for ``position_ids``
+        (``hidden`` gives dtype and device): the LLM's own ``rotary_emb``. The LLM-side hook uses it
+        for the layers after a pruning layer that renumbers the kept tokens' positions."""
+        return self.model.get_decoder().rotary_emb(hidden, position_ids)
+
     def pixels_for_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixel values as the stock pipeline hands them to the tower (on the model's device; the
         tower casts them to its own dtype)."""
