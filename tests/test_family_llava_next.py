@@ -318,21 +318,41 @@ def test_together_compresses_each_image_to_its_budget(family):
         batch = builder(SAMPLES)
         with torch.no_grad():
             rows = model.compress(batch)
+            spliced, _ = model.prepare_inputs(batch)
             out = model(batch)
         assert rows.mask.shape[0] == len(SAMPLES) and rows.num_tokens.tolist() == [20] * 4
         assert rows.cluster_map.shape[1] == 80
-        rows_with_tokens = out.compression.num_tokens - 20
-        assert bool(((rows_with_tokens >= 1) & (rows_with_tokens <= torch.tensor([4, 10, 2, 8]))).all())
+        # The placement rule in plain Python: base patches (index < 16) in output order, then the
+        # crop patches (16 + window row * cols + col) by row and column, a newline after each
+        # occupied row.
+        projected = family.project(rows.tokens)
+        newline = family.image_newline.detach()
+        for row, size in enumerate(SIZES):
+            _, _, lines, cols = family.tiling(size).window
+            real = [t for t in range(rows.mask.shape[1]) if rows.mask[row, t]]
+            base = [projected[row, t] for t in real if rows.positions[row, t] < 16]
+            crops = sorted((divmod(int(rows.positions[row, t]) - 16, cols), t)
+                           for t in real if rows.positions[row, t] >= 16)
+            expected = base
+            for line in range(lines):
+                in_line = [projected[row, t] for (r, _), t in crops if r == line]
+                expected += in_line + ([newline] if in_line else [])
+            torch.testing.assert_close(spliced.inputs_embeds[row][spliced.visual_mask[row]], torch.stack(expected))
+        newlines = out.compression.num_tokens - 20
+        assert bool(((newlines >= 1) & (newlines <= torch.tensor([4, 10, 2, 8]))).all())
         for row, sample in enumerate(SAMPLES):
             with torch.no_grad():
                 alone = model(builder([sample]))
             real = out.attention_mask[row].bool()
             torch.testing.assert_close(out.logits[row][real], alone.logits[0], rtol=1e-4, atol=1e-4)
-        stock = CompressedLlava(family, CompressorConfig(method="none"))
         with torch.no_grad():
-            assert stock(batch).visual_mask.sum(1).tolist() == [52, 66, 42, 88]
+            together_stock = CompressedLlava(family, CompressorConfig(method="none"))(batch)
     finally:
         family.configure_anyres()
+    with torch.no_grad():  # method none: the stock sequence (equal to per-view's, equal to stock)
+        per_view_stock = CompressedLlava(family, CompressorConfig(method="none"))(batch)
+    assert together_stock.visual_mask.sum(1).tolist() == [52, 66, 42, 88]
+    assert torch.equal(together_stock.logits, per_view_stock.logits)
 
 
 def test_budget_split_over_views():

@@ -38,6 +38,7 @@ tensors that turn a compressor's rows back into each sample's LLM sequence (:fun
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -124,7 +125,7 @@ class AnyresLayout:
         self.mode = mode
         self.newlines = newlines
         self.views = [t.views for t in self.tilings]
-        self.first_row = [sum(self.views[:i]) for i in range(len(self.views))]
+        self.first_row = [0, *itertools.accumulate(self.views)][:-1]
         self.num_rows = sum(self.views)
         self.rows_max = max(t.window[2] for t in self.tilings)
         self.lengths = [t.patches(side) for t in self.tilings]

@@ -20,6 +20,9 @@ each sample's stock-shaped visual sequence out (see :mod:`sparsezip_pl.models.an
   over the views. Rows of different lengths (images of different sizes) are compressed in groups
   of equal length, one method call per distinct length; an image with no more patches than the
   method's output keeps them all. An int budget is per image; a fraction, of each image's patches.
+  (DivPrune's NeXT code selects among the newline tokens too, since it works on the LLM's input
+  sequence; here a method sees vision features, which newlines are not, and newlines follow the
+  ``newlines`` rule.)
 
 LLM-side methods (FastV, PyramidDrop) see the whole stock sequence in the LLM, newlines included,
 whatever ``compress_views`` says; their budget is per image and is not split.
