@@ -82,9 +82,10 @@ class SparseZipModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: Any, compressor: nn.Module | None = None,
-                 visual_positions: str | None = None) -> None:
+                 visual_positions: str | None = None, family_options: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.sparsezip = CompressedLlava(family_from_model(model), config, compressor, visual_positions)
+        family = family_from_model(model, **(family_options or {}))
+        self.sparsezip = CompressedLlava(family, config, compressor, visual_positions)
 
     def __getattr__(self, name: str):
         try:
@@ -164,6 +165,7 @@ def sparsezip(
     compressor: nn.Module | None = None,
     budget: int | float | None = None,
     visual_positions: str | None = None,
+    family_options: dict[str, Any] | None = None,
     **more_config: Any,
 ) -> SparseZipModel:
     """Wrap a loaded model of any registered family (its family detected) so that its ``generate``
@@ -173,14 +175,15 @@ def sparsezip(
     ``divprune``, ``fastv`` ...); ``budget``: visual tokens per image reaching the LLM, or a
     fraction; ``dominant`` / ``contextual``: VisionZip's counts (SparseZip's fixed budget);
     ``more_config``: options of the method (nested ones as dicts), applied over ``config``;
-    ``visual_positions``: ``contiguous`` (default) or ``original``.
+    ``visual_positions``: ``contiguous`` (default) or ``original``; ``family_options``: options of
+    the model's family (LLaVA-NeXT: ``{"compress_views": "together", "newlines": "all"}``).
     """
     if isinstance(model, SparseZipModel):
         raise TypeError("the model is already wrapped; unwrap(model) first")
     if method is None and config is None:
         method = "sparsezip"
     built = build_config(config, method, dominant, contextual, budget, **more_config)
-    return SparseZipModel(model, built, compressor, visual_positions)
+    return SparseZipModel(model, built, compressor, visual_positions, family_options)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -248,7 +248,12 @@ class KeptTokensPictures(L.Callback):
                 break
             if not bool(has_image[i]):
                 continue
-            picture = draw_kept_tokens(batch["pixel_values"][i], compression.kept_indices[i], compression.cluster_map[i])
+            pixels, kept, clusters = batch["pixel_values"][i], compression.kept_indices[i], compression.cluster_map[i]
+            if pixels.dim() == 4:
+                # A tiled image's views (LLaVA-NeXT), its maps view-major: draw the base view.
+                patches = clusters.shape[0] // pixels.shape[0]
+                pixels, kept, clusters = pixels[0], kept[(kept >= 0) & (kept < patches)], clusters[:patches]
+            picture = draw_kept_tokens(pixels, kept, clusters)
             writer.add_image(f"{tag}/image_{shown}", picture, trainer.global_step)
             shown += 1
 

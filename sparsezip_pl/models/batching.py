@@ -248,6 +248,15 @@ class ImagePreprocessor:
             return crop["shortest_edge"], crop["shortest_edge"]
         return crop.height, crop.width
 
+    def batch_fields(self, images: list, has_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's image inputs: ``pixel_values`` [B, 3, H, W], zeros for text-only samples
+        (``images`` are those of the samples where ``has_image``). Tiled families add more fields."""
+        height, width = self.size
+        pixel_values = torch.zeros(len(has_image), 3, height, width)
+        if images:
+            pixel_values[has_image] = self(images).to(pixel_values.dtype)
+        return {"pixel_values": pixel_values}
+
     def __call__(self, images: list) -> torch.Tensor:
         if self.pad_to_square:
             background = tuple(int(x * 255) for x in self.image_processor.image_mean)
@@ -376,17 +385,12 @@ class BatchBuilder:
             question_mask[row, length - n :] = e["question_mask"]
 
         has_image = torch.tensor([sample.get("image") is not None for sample in samples], dtype=torch.bool)
-        height, width = self.images.size
-        pixel_values = torch.zeros(batch_size, 3, height, width)
-        if has_image.any():
-            images = [sample["image"].convert("RGB") for sample in samples if sample.get("image") is not None]
-            pixels = self.images(images)
-            pixel_values[has_image] = pixels.to(pixel_values.dtype)
+        images = [sample["image"].convert("RGB") for sample in samples if sample.get("image") is not None]
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "question_mask": question_mask,
-            "pixel_values": pixel_values,
+            **self.images.batch_fields(images, has_image),
             "has_image": has_image,
             "meta": [{k: v for k, v in sample.items() if k != "image"} for sample in samples],
         }

@@ -96,7 +96,7 @@ class CompressedLlava(nn.Module):
             # config gives the same start wherever and whenever the model is built (one process or several).
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(getattr(self.config.options(), "seed", 0))
-                compressor = build_method(self.config, geometry_of(backend))
+                compressor = build_method(*backend.method_setup(self.config, geometry_of(backend)))
         self.compressor = compressor.to(backend.device)
 
     @property
@@ -163,19 +163,21 @@ class CompressedLlava(nn.Module):
             sample_index=capture.sample_index,
             layout=capture.layout,
         )
-        return self.compressor(capture)
+        return self.backend.compress_rows(self.compressor, capture)
 
     def prepare_inputs(
         self, batch: dict[str, Any], method: str | None = None
     ) -> tuple[SplicedInputs, CompressionOutput]:
-        """Batch -> what the LLM receives (spliced embeddings, mask, positions, labels) and the compression."""
+        """Batch -> what the LLM receives (spliced embeddings, mask, positions, labels) and the
+        compression, one row per sample (a tiled family's views summed: ``sample_compression``)."""
         input_ids = batch["input_ids"].to(self.backend.device)
         question_mask = batch.get("question_mask")
         question_mask = None if question_mask is None else question_mask.to(input_ids.device).bool()
         with torch.no_grad():
             text_embeds = self.backend.embed_tokens(input_ids)
         compression = self.compress(batch, method, text_embeds, question_mask)
-        return self.splice(batch, compression, text_embeds), compression
+        spliced = self.splice(batch, compression, text_embeds)
+        return spliced, self.backend.sample_compression(compression, self._layout)
 
     def splice(
         self, batch: dict[str, Any], compression: CompressionOutput, text_embeds: torch.Tensor | None = None

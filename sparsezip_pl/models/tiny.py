@@ -1,4 +1,4 @@
-"""Tiny random-weight LLaVA checkpoints of both families, built from configs and saved to a folder.
+"""Tiny random-weight LLaVA checkpoints (1.5 and 1.6, both codes), built from configs and saved to a folder.
 
 The folders have the layout of real checkpoints, so :func:`sparsezip_pl.models.load_backend`
 loads them exactly like ``llava-hf/llava-1.5-7b-hf`` (family ``hf``) or ``liuhaotian/llava-v1.5-7b``
@@ -203,7 +203,7 @@ def tiny_hf_llava(spec: TinyLlavaSpec, tokenizer):
     return model, processor
 
 
-def _build_llava(spec: TinyLlavaSpec, folder: Path, tokenizer) -> None:
+def _build_llava(spec: TinyLlavaSpec, folder: Path, tokenizer, **config_fields) -> None:
     from transformers import CLIPVisionModel
 
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
@@ -213,9 +213,9 @@ def _build_llava(spec: TinyLlavaSpec, folder: Path, tokenizer) -> None:
     CLIPVisionModel(_vision_config(spec)).save_pretrained(tower_dir)
     clip_image_processor(spec.image_size).save_pretrained(tower_dir)
 
-    # The fields LLaVA-1.5's training script writes into a liuhaotian checkpoint's config.
-    config = LlavaConfig(
-        **_llama_kwargs(spec, tokenizer),
+    # The fields LLaVA-1.5's training script writes into a liuhaotian checkpoint's config
+    # (``config_fields`` replace them: LLaVA-1.6's anyres fields).
+    fields = dict(
         mm_vision_tower=str(tower_dir.resolve()),
         mm_hidden_size=spec.vision_hidden_size,
         mm_projector_type="mlp2x_gelu",
@@ -230,13 +230,126 @@ def _build_llava(spec: TinyLlavaSpec, folder: Path, tokenizer) -> None:
         tune_mm_mlp_adapter=False,
         use_mm_proj=True,
     )
+    config = LlavaConfig(**_llama_kwargs(spec, tokenizer), **{**fields, **config_fields})
     torch.manual_seed(spec.seed + 1)
     # delay_load: the tower is not instantiated, so (like a liuhaotian checkpoint) its
     # weights are not part of the saved LLaVA state dict.
     model = LlavaLlamaForCausalLM(config)
+    newline = getattr(model.get_model(), "image_newline", None)
+    if newline is not None:
+        # The original code creates it with torch.empty (training initialises it): draw it as
+        # its initialize_vision_modules does, randn / sqrt(hidden size).
+        with torch.no_grad():
+            newline.copy_(torch.randn(newline.shape) / newline.numel() ** 0.5)
     model.generation_config = _greedy_generation_config(tokenizer)
     model.config.mm_vision_tower = VISION_TOWER_FOLDER
     model.save_pretrained(folder)
+
+
+# ------------------------------------------------------------------ LLaVA-NeXT (1.6)
+#: LLaVA-1.6's pinpoints ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]) in
+#: tiles of the tower's image size; a tiny model scales them with its own image size.
+LLAVA_NEXT_TILES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+NEXT_FAMILIES = ("llava-next", "llava-next-original")
+
+
+def llava_next_pinpoints(image_size: int) -> list[list[int]]:
+    """LLaVA-1.6's pinpoint resolutions for a tower of ``image_size`` px (336 -> the real ones)."""
+    return [[rows * image_size, cols * image_size] for rows, cols in LLAVA_NEXT_TILES]
+
+
+def next_image_processor(image_size: int, pinpoints: list[list[int]]):
+    """llava-hf/llava-v1.6-*-hf's image processor (CLIP's resize, crop and mean / std; anyres
+    crops of the best pinpoint) at ``image_size``."""
+    from transformers import LlavaNextImageProcessor
+
+    return LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+        do_center_crop=True,
+        do_resize=True,
+        do_normalize=True,
+        do_pad=True,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        resample=3,
+    )
+
+
+def tiny_hf_llava_next(spec: TinyLlavaSpec, tokenizer, pinpoints: list[list[int]] | None = None):
+    """An in-memory random-weight ``LlavaNextForConditionalGeneration`` of ``spec``'s sizes and its
+    ``LlavaNextProcessor`` (seeded). ``pinpoints`` default to LLaVA-1.6's, scaled to
+    ``spec.image_size``; with ``TinyLlavaSpec(image_size=336, vision_hidden_size=1024,
+    vision_layers=24, vision_heads=16, ...)`` it has LLaVA-1.6-7B's token geometry (576 patches
+    per view, up to 5 views, 2928 stock tokens per image), e.g. for timing."""
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    pinpoints = pinpoints or llava_next_pinpoints(spec.image_size)
+    num_patches = (spec.image_size // spec.patch_size) ** 2
+    config = LlavaNextConfig(
+        vision_config=_vision_config(spec).to_dict(),
+        text_config=LlamaConfig(**_llama_kwargs(spec, tokenizer)).to_dict(),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=num_patches,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=spec.feature_layer,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(spec.seed)
+    model = LlavaNextForConditionalGeneration(config)
+    model.generation_config = _greedy_generation_config(tokenizer)
+    processor = LlavaNextProcessor(
+        image_processor=next_image_processor(spec.image_size, pinpoints),
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        # llava-hf's vicuna v1.6 processors ship LLaVA-1.5's template ("USER: <image>\n... ASSISTANT:").
+        chat_template=LLAVA_HF_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+    return model, processor
+
+
+def build_tiny_llava_next(
+    folder: str | os.PathLike,
+    family: Literal["llava-next", "llava-next-original"] = "llava-next",
+    spec: TinyLlavaSpec | None = None,
+    pinpoints: list[list[int]] | None = None,
+    texts: list[str] | None = None,
+    **overrides,
+) -> Path:
+    """Build a tiny random-weight LLaVA-1.6 of ``family`` and save it to ``folder`` (seeded).
+
+    ``llava-next``: a ``LlavaNextForConditionalGeneration`` with its ``LlavaNextProcessor``
+    (llava-hf/llava-v1.6-vicuna-7b-hf's layout). ``llava-next-original``: the original code's
+    ``LlavaLlamaForCausalLM`` with ``image_aspect_ratio: anyres``, ``mm_patch_merge_type:
+    spatial_unpad`` and the pinpoints (liuhaotian/llava-v1.6-vicuna-7b's config fields), its CLIP
+    tower in ``folder/vision_tower``. Pinpoints default to LLaVA-1.6's scaled to the tower's image
+    size (56 px: [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]). Returns ``folder``.
+    """
+    spec = TinyLlavaSpec(**{**asdict(spec or TinyLlavaSpec()), **overrides})
+    pinpoints = [list(p) for p in (pinpoints or llava_next_pinpoints(spec.image_size))]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_llama_tokenizer(
+        texts or TOKENIZER_CORPUS * 8, folder, vocab_size=spec.tokenizer_vocab_size, add_bos_token=True
+    )
+    if family == "llava-next":
+        model, processor = tiny_hf_llava_next(spec, tokenizer, pinpoints)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    elif family == "llava-next-original":
+        _build_llava(spec, folder, tokenizer, image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                     image_grid_pinpoints=pinpoints, tokenizer_model_max_length=4096)
+    else:
+        raise ValueError(f"family must be one of {NEXT_FAMILIES}, got {family!r}")
+    (folder / "tiny_spec.json").write_text(json.dumps({"family": family, "pinpoints": pinpoints, **asdict(spec)}, indent=2))
+    return folder
 
 
 _BUILT: dict[tuple, Path] = {}
@@ -253,6 +366,20 @@ def cached_tiny_llava(family: Literal["hf", "llava"], **overrides) -> Path:
         folder = Path(tempfile.mkdtemp(prefix=f"tiny-llava-{family}-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         _BUILT[key] = build_tiny_llava(family, folder, **overrides)
+    return _BUILT[key]
+
+
+def cached_tiny_llava_next(family: Literal["llava-next", "llava-next-original"] = "llava-next", **overrides) -> Path:
+    """``build_tiny_llava_next`` into a temporary folder, once per process and set of ``overrides``."""
+    import atexit
+    import shutil
+    import tempfile
+
+    key = ("next", family, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+    if key not in _BUILT:
+        folder = Path(tempfile.mkdtemp(prefix=f"tiny-{family}-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _BUILT[key] = build_tiny_llava_next(folder, family, **overrides)
     return _BUILT[key]
 
 

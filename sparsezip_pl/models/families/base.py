@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from sparsezip_pl.compress.types import CompressionOutput, VisionCapture
+from sparsezip_pl.compress.types import CompressionOutput, Geometry, VisionCapture
 from sparsezip_pl.models.capture import encode_with_capture
 from sparsezip_pl.models.llm_hook import default_apply_rotary
 from sparsezip_pl.models.loading import find_projector, find_vision_tower
@@ -95,14 +95,16 @@ def load_family(
     return get_family(family).from_pretrained(model_path, dtype=dtype, device=device, **kwargs)
 
 
-def family_from_model(model: nn.Module, tokenizer=None, image_processor=None) -> ModelFamily:
-    """Wrap an already loaded model (its family detected) without changing it."""
-    return get_family(detect_family(model))(model, tokenizer, image_processor)
+def family_from_model(model: nn.Module, tokenizer=None, image_processor=None, **options) -> ModelFamily:
+    """Wrap an already loaded model (its family detected) without changing it; ``options`` are
+    the family's own (e.g. LLaVA-NeXT's ``compress_views``)."""
+    return get_family(detect_family(model))(model, tokenizer, image_processor, **options)
 
 
 def vision_patch_count(family: str, model_path: str | os.PathLike) -> int:
-    """N, the visual tokens the stock model gives one image (one view, for tiled families), read
-    from the checkpoint's config files alone (no weights)."""
+    """N, the patches the stock model gives one image, read from the checkpoint's config files
+    alone (no weights): the bound a per-image budget is checked against (a tiled family whose
+    budget counts per image: all the views an image can have, 576 x 5 for LLaVA-1.6)."""
     return get_family(family).patch_count(model_path)
 
 
@@ -205,6 +207,21 @@ class ModelFamily:
         queries and keys of ``scoring_layers`` (a CLIP tower; other towers override this)."""
         return encode_with_capture(self.vision_tower, self.pixels_for_tower(batch["pixel_values"]),
                                    self.feature_layer, scoring_layers)
+
+    def method_setup(self, config: Any, geometry: Geometry) -> tuple[Any, Geometry]:
+        """The compressor config and geometry the method is built with. Single-view families keep
+        both; a tiled family may turn a per-image budget into a per-row one or say that rows vary."""
+        return config, geometry
+
+    def compress_rows(self, method: nn.Module, capture: VisionCapture) -> CompressionOutput:
+        """Run a vision-side method on the capture's rows (a family whose rows differ in length
+        groups them here)."""
+        return method(capture)
+
+    def sample_compression(self, compression: CompressionOutput, layout: Any = None) -> CompressionOutput:
+        """The compression as reported per sample (what ``CompressedLlava.forward`` / ``generate``
+        return): the rows themselves when a row is a sample; a tiled family sums its views."""
+        return compression
 
     def visual_inputs(self, compression: CompressionOutput, layout: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | torch.Tensor]:
         """What the LLM receives per sample: the projected tokens [B, V, D], their mask [B, V],

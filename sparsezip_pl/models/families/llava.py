@@ -71,7 +71,12 @@ def cache_kwarg_compat(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 class OriginalLlavaBackend(ModelFamily):
     """The original code's ``LlavaLlamaForCausalLM``: ``vicuna_v1`` template, -200 placeholder, ``pad`` images."""
 
+    #: whether the family handles LLaVA-1.6's anyres images (``llava-next-original`` does)
+    anyres: bool = False
+
     def __init__(self, model, tokenizer=None, image_processor=None, conv_template: str = "vicuna_v1") -> None:
+        if getattr(model.config, "image_aspect_ratio", None) == "anyres" and not self.anyres:
+            raise ValueError("an 'anyres' (LLaVA-1.6) checkpoint: use the family 'llava-next-original'")
         wrapper = model.get_vision_tower()
         if wrapper is None or not getattr(wrapper, "is_loaded", False):
             raise ValueError("the model's vision tower is not loaded (call get_vision_tower().load_model())")
@@ -81,10 +86,14 @@ class OriginalLlavaBackend(ModelFamily):
 
     @classmethod
     def matches(cls, model) -> bool:
-        return hasattr(model, "prepare_inputs_labels_for_multimodal") or type(model).__module__.startswith("llava.")
+        """The original code's models, except LLaVA-1.6's anyres ones (family ``llava-next-original``)."""
+        original = hasattr(model, "prepare_inputs_labels_for_multimodal") or type(model).__module__.startswith("llava.")
+        return original and getattr(getattr(model, "config", None), "image_aspect_ratio", None) != "anyres"
 
     @classmethod
-    def patch_count(cls, model_path: str | os.PathLike) -> int:
+    def read_configs(cls, model_path: str | os.PathLike) -> tuple[dict, object]:
+        """The checkpoint's ``config.json`` (a dict) and its vision tower's ``CLIPVisionConfig``,
+        without loading weights."""
         import json
 
         from huggingface_hub import hf_hub_download
@@ -93,13 +102,19 @@ class OriginalLlavaBackend(ModelFamily):
         path = resolve_pretrained(model_path, "LLaVA checkpoint (original llava code)")
         folder = Path(path)
         config_file = folder / "config.json" if folder.is_dir() else Path(hf_hub_download(path, "config.json"))
-        tower = json.loads(config_file.read_text(encoding="utf-8")).get("mm_vision_tower")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        tower = config.get("mm_vision_tower")
         if tower is None:
             raise ValueError(f"{config_file}: no 'mm_vision_tower' (is this an original LLaVA checkpoint?)")
         if folder.is_dir() and not Path(tower).is_absolute() and (folder / tower).is_dir():
             tower = str(folder / tower)
         vision = CLIPVisionConfig.from_pretrained(resolve_pretrained(tower, f"vision tower of {model_path}"),
                                                   local_files_only=is_offline())
+        return config, vision
+
+    @classmethod
+    def patch_count(cls, model_path: str | os.PathLike) -> int:
+        _, vision = cls.read_configs(model_path)
         return (vision.image_size // vision.patch_size) ** 2
 
     @classmethod
