@@ -105,6 +105,8 @@ class SparseZipModule(L.LightningModule):
         budget_weight: weight of the budget penalty ``((E[tokens] - target) / target) ** 2``.
         max_new_tokens: greedy decoding length for evaluation and prediction.
         optimizer: optimizer factory applied to the compressor's parameters only.
+        family_options: options of the model family's loader, e.g. LLaVA-NeXT's
+            ``{compress_views: per_view | together, newlines: occupied | all | none}``.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class SparseZipModule(L.LightningModule):
         budget_weight: float = 0.1,
         max_new_tokens: int = 8,
         optimizer: OptimizerFactory = _default_optimizer,
+        family_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         from sparsezip_pl.models.families import get_family, vision_patch_count
@@ -163,7 +166,8 @@ class SparseZipModule(L.LightningModule):
         if self.model is None:
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             hparams = self.hparams
-            self.backend = load_backend(hparams.backend, hparams.model_path, dtype=hparams.dtype, device=device)
+            self.backend = load_backend(hparams.backend, hparams.model_path, dtype=hparams.dtype, device=device,
+                                        **(hparams.family_options or {}))
             self.model = CompressedLlava(self.backend, self.compressor_config, visual_positions=self.visual_positions)
         self._hand_collate_to_datamodule()
 
@@ -178,6 +182,7 @@ class SparseZipModule(L.LightningModule):
             "backend": hparams.backend,
             "model_path": os.path.abspath(path) if os.path.exists(path) else path,
             "dtype": hparams.dtype,
+            "family_options": hparams.family_options or {},
             "device": device,
             "compressor": dataclasses.asdict(self.compressor_config),
             "visual_positions": self.visual_positions,
