@@ -91,8 +91,10 @@ class SparseZipModule(L.LightningModule):
     a Trainer, call ``configure_model()`` yourself.)
 
     Args:
-        backend: model family, ``hf`` (transformers' llava-hf models) or ``llava`` (the original
-            LLaVA code, PyPI ``llava-torch``).
+        backend: a registered model family (``sparsezip_pl.models.family_names()``): ``hf``
+            (transformers' llava-hf models), ``llava`` (the original LLaVA code, PyPI
+            ``llava-torch``), ``llava-onevision``, ``qwen2.5-vl``; an unknown name is an error
+            listing them.
         model_path: hub id or local folder of the LLaVA checkpoint.
         dtype: dtype of the frozen LLaVA weights. ``auto`` (the default) loads what the family's
             stock loader gives on a GPU: float16 for the original code (``load_pretrained_model``
@@ -118,7 +120,7 @@ class SparseZipModule(L.LightningModule):
 
     def __init__(
         self,
-        backend: Literal["hf", "llava"] = "hf",
+        backend: str = "hf",
         model_path: str = "checkpoints/tiny-llava-synth",
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         compressor: CompressorConfig = CompressorConfig(),  # noqa: B008 (a default never mutated)

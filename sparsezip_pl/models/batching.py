@@ -254,6 +254,16 @@ class ImagePreprocessor:
             images = [expand2square(image, background) for image in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
+    def batch_fields(self, images: list, has_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's image fields for the RGB ``images`` of the samples where ``has_image`` [B]:
+        here ``pixel_values`` [B, 3, H, W] with zeros for text-only samples. Families whose
+        processors return more (image sizes, grids) override this, one row per sample."""
+        height, width = self.size
+        pixel_values = torch.zeros(has_image.shape[0], 3, height, width)
+        if images:
+            pixel_values[has_image] = self(images).to(pixel_values.dtype)
+        return {"pixel_values": pixel_values}
+
 
 def expand2square(image, background):
     """Pad a PIL image to a square, centred, with ``background`` (as ``llava.mm_utils.expand2square``)."""
@@ -376,20 +386,15 @@ class BatchBuilder:
             question_mask[row, length - n :] = e["question_mask"]
 
         has_image = torch.tensor([sample.get("image") is not None for sample in samples], dtype=torch.bool)
-        height, width = self.images.size
-        pixel_values = torch.zeros(batch_size, 3, height, width)
-        if has_image.any():
-            images = [sample["image"].convert("RGB") for sample in samples if sample.get("image") is not None]
-            pixels = self.images(images)
-            pixel_values[has_image] = pixels.to(pixel_values.dtype)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "question_mask": question_mask,
-            "pixel_values": pixel_values,
-            "has_image": has_image,
-            "meta": [{k: v for k, v in sample.items() if k != "image"} for sample in samples],
         }
+        images = [sample["image"].convert("RGB") for sample in samples if sample.get("image") is not None]
+        batch.update(self.images.batch_fields(images, has_image))
+        batch["has_image"] = has_image
+        batch["meta"] = [{k: v for k, v in sample.items() if k != "image"} for sample in samples]
         if self.mode == "train":
             batch["labels"] = labels
         return batch

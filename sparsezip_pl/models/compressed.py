@@ -44,10 +44,15 @@ def geometry_of(family: ModelFamily) -> Geometry:
         num_heads=family.vision_num_heads,
         head_dim=family.vision_head_dim,
         width=family.vision_hidden_size,
-        num_patches=family.num_patches,
+        num_patches=family.method_num_patches,
         has_cls=family.has_cls,
         text_dim=family.text_hidden_size,
     )
+
+
+def _all_patches(capture: VisionCapture) -> CompressionOutput:
+    """The stock path: every patch of every row."""
+    return compress_none(capture.patches())
 
 
 class CompressedLlava(nn.Module):
@@ -143,7 +148,7 @@ class CompressedLlava(nn.Module):
             capture = self.backend.encode_images(batch, scoring_layers)
         self._layout = capture.layout
         if stock:
-            return compress_none(capture.patches())
+            return self.backend.compress_rows(_all_patches, capture)
         dtype = self._compressor_dtype()
         if capture.sample_index is not None and text_embeds is not None:
             # Several rows per sample (the views of a tiled image): each row reads its sample's question.
@@ -162,7 +167,7 @@ class CompressedLlava(nn.Module):
             sample_index=capture.sample_index,
             layout=capture.layout,
         )
-        return self.compressor(capture)
+        return self.backend.compress_rows(self.compressor, capture)
 
     def prepare_inputs(
         self, batch: dict[str, Any], method: str | None = None
@@ -191,7 +196,7 @@ class CompressedLlava(nn.Module):
                 text_embeds = self.backend.embed_tokens(input_ids)
         tokens, mask, offsets, span = self.backend.visual_inputs(compression, self._layout)
         original = self.visual_positions == "original"
-        return splice_visual_tokens(
+        spliced = splice_visual_tokens(
             text_embeds,
             input_ids,
             attention_mask,
@@ -203,6 +208,10 @@ class CompressedLlava(nn.Module):
             visual_positions=offsets if original else None,
             image_span=span if original else None,
         )
+        # Families with multi-dimensional rotary positions (M-RoPE) lay out their own position ids.
+        spliced.position_ids = self.backend.position_ids(spliced, compression, self._layout, batch,
+                                                         self.visual_positions)
+        return spliced
 
     def forward(self, batch: dict[str, Any], method: str | None = None) -> CompressedLlavaOutput:
         """Logits (and loss when the batch has ``labels``) of the LLM on the compressed sequence.
@@ -230,9 +239,10 @@ class CompressedLlava(nn.Module):
     ) -> tuple[torch.Tensor, CompressionOutput]:
         """Greedy decoding (by default) after the compressed prefill: new ids [B, new] and the compression."""
         spliced, compression = self.prepare_inputs(batch, method)
-        if self.visual_positions == "original":
+        if self.visual_positions == "original" or spliced.position_ids.dim() == 3:
             # Decoding continues from the last prompt position + 1 (transformers' generate extends
-            # given position ids); the default, from the attention mask, would count real tokens.
+            # given position ids); the default, from the attention mask, would count real tokens
+            # (and know nothing of M-RoPE's 3-D positions).
             kwargs.setdefault("position_ids", spliced.position_ids)
         with self._pruning(spliced, method):
             generated = self.backend.generate(
