@@ -185,3 +185,54 @@ def test_lightning_cli_test_runs_compressed(tmp_path):
     assert len(records) == 2
     assert all('"visual_tokens": 3' in record for record in records)
     assert cli.model.eval_results["test/mme/num_samples"] == 2
+
+
+def test_llm_side_pruning_keeps_m_rope_positions(family):
+    """An LLM-side method (FastV-style) on Qwen's 3-D positions: dropping nothing equals the stock
+    path; dropping rows at prefill generates with the cache as a recompute without it that drops
+    the same rows. (The hook needs one visual count per batch: images of one size here.)"""
+    from sparsezip_pl.compress import Geometry, LLMMethod
+    from sparsezip_pl.models.llm_hook import llm_pruning
+
+    class KeepFirst(LLMMethod):
+        def __init__(self, keep=None):
+            super().__init__(None, Geometry(num_heads=1, head_dim=1))
+            self.keep = keep
+
+        def prune_layers(self, num_layers):
+            return [1]
+
+        def select(self, layer, state):
+            assert state.attention(0).shape[:3] == (2, 4, 1)  # the probe runs on M-RoPE embeddings
+            count = int(state.visual_mask.sum(1)[0])
+            return torch.arange(count if self.keep is None else self.keep).expand(2, -1)
+
+    batch = family.batch_builder("generate")(samples_of([(80, 120), (84, 112)]))
+    stock = CompressedLlava(family, {"method": "none"})
+    same = CompressedLlava(family, {"method": "none"}, compressor=KeepFirst())
+    with torch.no_grad():
+        assert torch.equal(same(batch).logits, stock(batch).logits)
+        assert torch.equal(same.generate(batch, max_new_tokens=4)[0], stock.generate(batch, max_new_tokens=4)[0])
+    method = KeepFirst(keep=5)
+    pruned = CompressedLlava(family, {"method": "none"}, compressor=method)
+    with torch.no_grad():
+        generated, _ = pruned.generate(batch, max_new_tokens=4)
+        spliced, _ = pruned.prepare_inputs(batch)
+        with llm_pruning(family, method, spliced.visual_mask, spliced.attention_mask.bool()) as state:
+            family.language_model(spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids)
+            kept = dict(state.kept)
+        assert kept[1].shape[1] == spliced.visual_mask.shape[1] - 12 + 5
+        embeds, mask, positions = spliced.inputs_embeds, spliced.attention_mask, spliced.position_ids
+        length = spliced.visual_mask.shape[1]
+        tokens = []
+        for step in range(4):
+            rows = {1: torch.cat([kept[1], torch.arange(length, embeds.shape[1]).expand(2, -1)], dim=1)}
+            visual = torch.nn.functional.pad(spliced.visual_mask, (0, step))
+            with llm_pruning(family, method, visual, mask.bool(), fixed_keep=rows):
+                token = family.language_model(embeds, mask, positions).logits[:, -1].argmax(-1)
+            tokens.append(token)
+            embeds = torch.cat([embeds, family.embed_tokens(token[:, None])], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
+    reference = torch.stack(tokens, dim=1)
+    assert first_eos_cut(generated, family.eos_token_id) == first_eos_cut(reference, family.eos_token_id)

@@ -389,12 +389,12 @@ class LlavaOnevisionFamily(ModelFamily):
         """Each sample's visual sequence [B, V, D] (projected tokens and newlines), its mask, each
         token's offset in the stock sequence and the stock token count [B] (see the module docstring)."""
         layout: OneVisionLayout = layout
-        tokens = self.project(compression.tokens)
-        device = tokens.device
+        features = compression.tokens
+        device = features.device
         batch_size = layout.batch_size
         if not layout.images:
             empty = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-            return (tokens.new_zeros(batch_size, 0, tokens.shape[-1]), empty.bool(), empty,
+            return (self.project(features[:0]).new_zeros(batch_size, 0, self.text_hidden_size), empty.bool(), empty,
                     torch.zeros(batch_size, dtype=torch.long, device=device))
         mask = compression.mask.to(device)
         positions = compression.positions.to(device)
@@ -412,17 +412,20 @@ class LlavaOnevisionFamily(ModelFamily):
         slot = torch.arange(width, device=device)
         complete = (mask.sum(1) == expected) & ((packed == slot) | (slot >= expected[:, None])).all(1)
         if bool(complete.all()):
-            return self._stock_layout(tokens, layout)
-        return self._compressed_layout(tokens, mask, positions, layout)
+            return self._stock_layout(features, layout)
+        return self._compressed_layout(self.project(features), mask, positions, layout)
 
-    def _stock_layout(self, tokens: torch.Tensor, layout: OneVisionLayout):
-        """Every patch kept: the stock packing itself (unpad, anyres_max shrink, newlines)."""
+    def _stock_layout(self, features: torch.Tensor, layout: OneVisionLayout):
+        """Every patch kept: the stock packing itself (projector on the views as the stock runs it,
+        unpad, anyres_max shrink, newlines)."""
         p2 = self.num_patches
         if layout.mode == "view":
-            per_image = list(tokens[:, :p2].split([g.views for g in layout.images]))
+            views = features[:, :p2]
         else:
-            index = torch.tensor(layout.image_sample, device=tokens.device)
-            per_image = [row[: g.views * p2].view(g.views, p2, -1) for row, g in zip(tokens[index], layout.images)]
+            index = torch.tensor(layout.image_sample, device=features.device)
+            views = torch.cat([row[: g.views * p2].view(g.views, p2, -1) for row, g in zip(features[index], layout.images)])
+        per_image = list(self.project(views).split([g.views for g in layout.images]))
+        tokens = per_image[0]
         sizes = torch.tensor(layout.image_sizes, device=tokens.device)
         newline = self.image_newline.to(tokens.dtype)
         packed, lengths = self.model.model.pack_image_features(per_image, sizes, image_newline=newline,
