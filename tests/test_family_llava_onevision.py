@@ -206,3 +206,18 @@ def test_lightning_cli_test_runs_compressed(tmp_path):
     assert len(records) == 2
     assert all('"visual_tokens": 3' in record for record in records)
     assert cli.model.eval_results["test/mme/num_samples"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_method_none_equals_the_stock_model_in_half_precision(samples, dtype):
+    family = load_family("llava-onevision", str(cached_tiny_llava("llava-onevision")), dtype=dtype)
+    inputs = processor_inputs(family.processor, samples)
+    inputs["pixel_values"] = inputs["pixel_values"].to(family.dtype)
+    mask = inputs["attention_mask"]
+    batch = family.batch_builder("generate")(samples)
+    with torch.no_grad():
+        stock = family.model(**inputs, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        for view_mode in ("image", "view"):
+            out = CompressedLlava(with_options(family, view_mode=view_mode), {"method": "none"})(batch)
+            assert out.logits.dtype == getattr(torch, dtype)
+            assert torch.equal(out.logits[out.attention_mask.bool()], stock[mask.bool()])

@@ -236,3 +236,15 @@ def test_llm_side_pruning_keeps_m_rope_positions(family):
             positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
     reference = torch.stack(tokens, dim=1)
     assert first_eos_cut(generated, family.eos_token_id) == first_eos_cut(reference, family.eos_token_id)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_method_none_equals_the_stock_model_in_half_precision(samples, dtype):
+    family = load_family("qwen2.5-vl", str(cached_tiny_llava("qwen2.5-vl")), dtype=dtype)
+    inputs = processor_inputs(family.processor, samples)
+    inputs["pixel_values"] = inputs["pixel_values"].to(family.dtype)
+    with torch.no_grad():
+        stock = family.model(**inputs).logits
+        out = CompressedLlava(family, {"method": "none"})(family.batch_builder("generate")(samples))
+    assert out.logits.dtype == family.dtype == getattr(torch, dtype)
+    assert torch.equal(out.logits[out.attention_mask.bool()], stock[inputs["attention_mask"].bool()])

@@ -16,6 +16,7 @@ map larger than one block is ever kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -176,6 +177,12 @@ def compress_grouped(method, capture: VisionCapture, groups: RowGroups) -> Compr
     by_grid: dict[tuple[int, int], list[int]] = {}
     for row, grid in enumerate(groups.grids):
         by_grid.setdefault(tuple(grid), []).append(row)
+    if len(by_grid) == 1 and targets == list(range(rows)) and out_rows == rows:
+        grid = next(iter(by_grid))
+        if grid[0] * grid[1] == capture.hidden.shape[1]:
+            # One shape, rows in place: the capture itself (no copies; the stock path then projects
+            # the very tensor the tower returned, as the stock model does).
+            return method(dataclasses.replace(capture, grid=grid))
     parts = []
     for grid, members in by_grid.items():
         n = grid[0] * grid[1]

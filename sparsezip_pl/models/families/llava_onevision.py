@@ -41,6 +41,7 @@ supported.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -136,6 +137,9 @@ class OneVisionLayout:
     image_sample: tuple[int, ...]
     images: tuple[ImageGeometry, ...]
     image_sizes: tuple[tuple[int, int], ...]
+    #: strides of the tower's output [views, N, C] (the stock projects that very tensor; a matmul's
+    #: rounding in half precision can depend on its input's memory layout)
+    view_strides: tuple[int, ...] | None = None
 
     @property
     def row_image(self) -> list[int]:
@@ -312,6 +316,7 @@ class LlavaOnevisionFamily(ModelFamily):
             pixels = pixel_values.to(device)[torch.tensor(samples, device=device)]
             valid = torch.arange(pixels.shape[1], device=device)[None] < torch.tensor(views, device=device)[:, None]
             hidden, queries, keys = self._run_tower(pixels[valid], scoring_layers)
+            layout = dataclasses.replace(layout, view_strides=tuple(hidden.stride()))
         else:
             dtype = next(self.vision_tower.parameters()).dtype
             hidden = torch.zeros(0, p2, self.vision_hidden_size, device=device, dtype=dtype)
@@ -424,6 +429,9 @@ class LlavaOnevisionFamily(ModelFamily):
         else:
             index = torch.tensor(layout.image_sample, device=features.device)
             views = torch.cat([row[: g.views * p2].view(g.views, p2, -1) for row, g in zip(features[index], layout.images)])
+            if layout.view_strides is not None:
+                views = torch.empty_strided(views.shape, layout.view_strides, dtype=views.dtype,
+                                            device=views.device).copy_(views)
         per_image = list(self.project(views).split([g.views for g in layout.images]))
         tokens = per_image[0]
         sizes = torch.tensor(layout.image_sizes, device=tokens.device)
