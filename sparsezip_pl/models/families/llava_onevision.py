@@ -427,15 +427,16 @@ class LlavaOnevisionFamily(ModelFamily):
         if layout.mode == "view":
             views = features[:, :p2]
         else:
-            index = torch.tensor(layout.image_sample, device=features.device)
-            views = torch.cat([row[: g.views * p2].view(g.views, p2, -1) for row, g in zip(features[index], layout.images)])
+            rows = features[torch.tensor(layout.image_sample, device=features.device)]
+            counts = torch.tensor([g.views * p2 for g in layout.images], device=features.device)
+            valid = torch.arange(rows.shape[1], device=features.device)[None] < counts[:, None]
+            views = rows[valid].view(-1, p2, rows.shape[-1])
             if layout.view_strides is not None:
                 views = torch.empty_strided(views.shape, layout.view_strides, dtype=views.dtype,
                                             device=views.device).copy_(views)
         per_image = list(self.project(views).split([g.views for g in layout.images]))
-        tokens = per_image[0]
-        sizes = torch.tensor(layout.image_sizes, device=tokens.device)
-        newline = self.image_newline.to(tokens.dtype)
+        sizes = torch.tensor(layout.image_sizes, device=views.device)
+        newline = self.image_newline.to(per_image[0].dtype)
         packed, lengths = self.model.model.pack_image_features(per_image, sizes, image_newline=newline,
                                                                vision_aspect_ratio=self.vision_aspect_ratio)
         rows, valid = pad_rows(torch.cat(packed), [g.stock_tokens for g in layout.images])
@@ -457,7 +458,8 @@ class LlavaOnevisionFamily(ModelFamily):
     def _compressed_layout(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                            layout: OneVisionLayout):
         """Base-view tokens, then crop tokens in map raster order with newlines (batched over all
-        rows: one sort, one scatter; one host sync for the output width)."""
+        rows: one sort, one scatter; one host sync for the output width, besides the one of the
+        completeness check)."""
         device = tokens.device
         rows, width = mask.shape
         side, p2 = self.side, self.num_patches
