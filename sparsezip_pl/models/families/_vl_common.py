@@ -310,6 +310,7 @@ def single_image_runs(input_ids: torch.Tensor, real: torch.Tensor, image_token_i
 
 
 __all__ = [
+    "TINY_TEXTS",
     "FamilyBatchBuilder",
     "PerSampleImages",
     "RowGroups",
@@ -318,8 +319,10 @@ __all__ = [
     "build_qwen2_tokenizer",
     "combine_outputs",
     "compress_grouped",
+    "image_token_types",
     "load_processor",
     "pad_rows",
     "read_config_json",
     "received_attention",
+    "single_image_runs",
 ]
