@@ -81,9 +81,10 @@ class SparseZipModule(L.LightningModule):
     a Trainer, call ``configure_model()`` yourself.)
 
     Args:
-        backend: model family, a registered name: ``hf`` (transformers' llava-hf models), ``llava``
-            (the original LLaVA code, PyPI ``llava-torch``), ``llava-next`` / ``llava-next-original``
-            (LLaVA-1.6 in either code), ... (``sparsezip_pl.models.family_names()``).
+        backend: a registered model family (``sparsezip_pl.models.family_names()``): ``hf``
+            (transformers' llava-hf models), ``llava`` (the original LLaVA code, PyPI
+            ``llava-torch``), ``llava-next`` / ``llava-next-original`` (LLaVA-1.6 in either code),
+            ``llava-onevision``, ``qwen2.5-vl``; an unknown name is an error listing them.
         model_path: hub id or local folder of the LLaVA checkpoint.
         dtype: dtype of the frozen LLaVA weights. ``auto`` (the default) loads what the family's
             stock loader gives on a GPU: float16 for the original code (``load_pretrained_model``

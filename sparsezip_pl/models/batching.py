@@ -248,20 +248,21 @@ class ImagePreprocessor:
             return crop["shortest_edge"], crop["shortest_edge"]
         return crop.height, crop.width
 
-    def batch_fields(self, images: list, has_image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The batch's image inputs: ``pixel_values`` [B, 3, H, W], zeros for text-only samples
-        (``images`` are those of the samples where ``has_image``). Tiled families add more fields."""
-        height, width = self.size
-        pixel_values = torch.zeros(len(has_image), 3, height, width)
-        if images:
-            pixel_values[has_image] = self(images).to(pixel_values.dtype)
-        return {"pixel_values": pixel_values}
-
     def __call__(self, images: list) -> torch.Tensor:
         if self.pad_to_square:
             background = tuple(int(x * 255) for x in self.image_processor.image_mean)
             images = [expand2square(image, background) for image in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def batch_fields(self, images: list, has_image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's image fields for the RGB ``images`` of the samples where ``has_image`` [B]:
+        here ``pixel_values`` [B, 3, H, W] with zeros for text-only samples. Families whose
+        processors return more (image sizes, grids) override this, one row per sample."""
+        height, width = self.size
+        pixel_values = torch.zeros(has_image.shape[0], 3, height, width)
+        if images:
+            pixel_values[has_image] = self(images).to(pixel_values.dtype)
+        return {"pixel_values": pixel_values}
 
 
 def expand2square(image, background):
@@ -385,15 +386,15 @@ class BatchBuilder:
             question_mask[row, length - n :] = e["question_mask"]
 
         has_image = torch.tensor([sample.get("image") is not None for sample in samples], dtype=torch.bool)
-        images = [sample["image"].convert("RGB") for sample in samples if sample.get("image") is not None]
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "question_mask": question_mask,
-            **self.images.batch_fields(images, has_image),
-            "has_image": has_image,
-            "meta": [{k: v for k, v in sample.items() if k != "image"} for sample in samples],
         }
+        images = [sample["image"].convert("RGB") for sample in samples if sample.get("image") is not None]
+        batch.update(self.images.batch_fields(images, has_image))
+        batch["has_image"] = has_image
+        batch["meta"] = [{k: v for k, v in sample.items() if k != "image"} for sample in samples]
         if self.mode == "train":
             batch["labels"] = labels
         return batch

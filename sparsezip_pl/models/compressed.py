@@ -45,10 +45,15 @@ def geometry_of(family: ModelFamily) -> Geometry:
         num_heads=family.vision_num_heads,
         head_dim=family.vision_head_dim,
         width=family.vision_hidden_size,
-        num_patches=family.num_patches,
+        num_patches=family.method_num_patches,
         has_cls=family.has_cls,
         text_dim=family.text_hidden_size,
     )
+
+
+def _all_patches(capture: VisionCapture) -> CompressionOutput:
+    """The stock path: every patch of every row."""
+    return compress_none(capture.patches())
 
 
 class CompressedLlava(nn.Module):
@@ -144,7 +149,7 @@ class CompressedLlava(nn.Module):
             capture = self.backend.encode_images(batch, scoring_layers)
         self._layout = capture.layout
         if stock:
-            return compress_none(capture.patches())
+            return self.backend.compress_rows(_all_patches, capture)
         dtype = self._compressor_dtype()
         if capture.sample_index is not None and text_embeds is not None:
             # Several rows per sample (the views of a tiled image): each row reads its sample's question.
@@ -194,7 +199,7 @@ class CompressedLlava(nn.Module):
                 text_embeds = self.backend.embed_tokens(input_ids)
         tokens, mask, offsets, span = self.backend.visual_inputs(compression, self._layout)
         original = self.visual_positions == "original"
-        return splice_visual_tokens(
+        spliced = splice_visual_tokens(
             text_embeds,
             input_ids,
             attention_mask,
@@ -206,6 +211,10 @@ class CompressedLlava(nn.Module):
             visual_positions=offsets if original else None,
             image_span=span if original else None,
         )
+        # Families with multi-dimensional rotary positions (M-RoPE) lay out their own position ids.
+        spliced.position_ids = self.backend.position_ids(spliced, compression, self._layout, batch,
+                                                         self.visual_positions)
+        return spliced
 
     def forward(self, batch: dict[str, Any], method: str | None = None) -> CompressedLlavaOutput:
         """Logits (and loss when the batch has ``labels``) of the LLM on the compressed sequence.
@@ -235,9 +244,10 @@ class CompressedLlava(nn.Module):
         """Greedy decoding (by default) after the compressed prefill: new ids [B, new] and the
         compression (after an LLM-side method, with the visual tokens its decoder layers saw)."""
         spliced, compression = self.prepare_inputs(batch, method)
-        if self.visual_positions == "original":
+        if self.visual_positions == "original" or spliced.position_ids.dim() == 3:
             # Decoding continues from the last prompt position + 1 (transformers' generate extends
-            # given position ids); the default, from the attention mask, would count real tokens.
+            # given position ids); the default, from the attention mask, would count real tokens
+            # (and know nothing of M-RoPE's 3-D positions).
             kwargs.setdefault("position_ids", spliced.position_ids)
         with self._pruning(spliced, method) as pruning:
             generated = self.backend.generate(

@@ -355,8 +355,11 @@ def build_tiny_llava_next(
 _BUILT: dict[tuple, Path] = {}
 
 
-def cached_tiny_llava(family: Literal["hf", "llava"], **overrides) -> Path:
-    """``build_tiny_llava`` into a temporary folder, once per process and set of ``overrides`` (for tests)."""
+def cached_tiny_llava(family: str, **overrides) -> Path:
+    """``build_tiny_llava`` into a temporary folder, once per process and set of ``overrides`` (for tests).
+
+    Families other than ``hf`` and ``llava`` build with their own ``build_tiny(folder, **overrides)``
+    classmethod (e.g. ``llava-onevision``, ``qwen2.5-vl``)."""
     import atexit
     import shutil
     import tempfile
@@ -365,7 +368,12 @@ def cached_tiny_llava(family: Literal["hf", "llava"], **overrides) -> Path:
     if key not in _BUILT:
         folder = Path(tempfile.mkdtemp(prefix=f"tiny-llava-{family}-"))
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        _BUILT[key] = build_tiny_llava(family, folder, **overrides)
+        if family in ("hf", "llava"):
+            _BUILT[key] = build_tiny_llava(family, folder, **overrides)
+        else:
+            from sparsezip_pl.models.families import get_family
+
+            _BUILT[key] = Path(get_family(family).build_tiny(folder, **overrides))
     return _BUILT[key]
 
 

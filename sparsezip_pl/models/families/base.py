@@ -213,11 +213,6 @@ class ModelFamily:
         both; a tiled family may turn a per-image budget into a per-row one or say that rows vary."""
         return config, geometry
 
-    def compress_rows(self, method: nn.Module, capture: VisionCapture) -> CompressionOutput:
-        """Run a vision-side method on the capture's rows (a family whose rows differ in length
-        groups them here)."""
-        return method(capture)
-
     def sample_compression(self, compression: CompressionOutput, layout: Any = None) -> CompressionOutput:
         """The compression as reported per sample (what ``CompressedLlava.forward`` / ``generate``
         return): the rows themselves when a row is a sample; a tiled family sums its views."""
@@ -268,6 +263,26 @@ class ModelFamily:
             "pixel_values": pixel_values,
             "has_image": has_image,
         }
+
+    # ------------------------------------- hooks of families beyond LLaVA-1.5 (defaults: LLaVA-1.5)
+    @property
+    def method_num_patches(self) -> int | None:
+        """N per row that a vision-side method is built for (its ``Geometry.num_patches``); None when
+        the rows of a batch differ in length (images of different sizes, see :meth:`compress_rows`)."""
+        return self.num_patches
+
+    def compress_rows(self, method, capture: VisionCapture) -> CompressionOutput:
+        """Run ``method`` (a vision-side method, or the stock path: a callable ``capture ->
+        CompressionOutput``) on the capture's rows. All rows at once by default; a family whose rows
+        differ in length groups them (one call per distinct row shape) and combines the outputs."""
+        return method(capture)
+
+    def position_ids(self, spliced, compression: CompressionOutput, layout: Any, batch: dict[str, Any],
+                     visual_positions: str) -> torch.Tensor:
+        """The position ids the LLM receives for a spliced sequence (``spliced``:
+        :class:`~sparsezip_pl.models.splice.SplicedInputs`): the splice's 1-D ones [B, L] by default;
+        a family with multi-dimensional rotary positions (Qwen2.5-VL's M-RoPE) returns [3, B, L]."""
+        return spliced.position_ids
 
     @property
     def max_stock_tokens(self) -> int:
