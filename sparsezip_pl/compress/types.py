@@ -100,6 +100,10 @@ class CompressionOutput:
                     in-LLM methods); None for vision-side methods, whose LLM sees ``num_tokens`` in
                     every layer. The output of an LLM-side method is otherwise the stock one.
     llm_visual_tokens_final: [B] long, with ``llm_visual_tokens``: those the last layer saw.
+    input_tokens:   [B] long, set by the model side per sample: the visual tokens the LLM input
+                    holds (after a tiled family's reassembly, newline tokens included).
+    stock_tokens:   [B] long, set by the model side per sample: the visual tokens the stock model
+                    gives the same image (0 for a sample without one).
     """
 
     tokens: torch.Tensor
@@ -113,6 +117,8 @@ class CompressionOutput:
     positions: torch.Tensor
     llm_visual_tokens: torch.Tensor | None = None
     llm_visual_tokens_final: torch.Tensor | None = None
+    input_tokens: torch.Tensor | None = None
+    stock_tokens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> torch.Tensor:
@@ -121,9 +127,12 @@ class CompressionOutput:
 
     @property
     def visual_tokens(self) -> torch.Tensor:
-        """[B] the visual tokens per row the LLM worked on, the figure to report as the budget:
-        ``llm_visual_tokens`` (float) when an LLM-side method set it, else ``num_tokens`` (long)."""
-        return self.num_tokens if self.llm_visual_tokens is None else self.llm_visual_tokens
+        """[B] the visual tokens per sample the LLM worked on, the figure to report as the budget:
+        ``llm_visual_tokens`` (float) when an LLM-side method set it, else ``input_tokens`` when
+        the model side set it, else ``num_tokens`` (long)."""
+        if self.llm_visual_tokens is not None:
+            return self.llm_visual_tokens
+        return self.num_tokens if self.input_tokens is None else self.input_tokens
 
     @property
     def num_patches(self) -> int:

@@ -131,7 +131,8 @@ class TokenBudgetLogger(L.Callback):
             return
         self._tokens.append(compression.visual_tokens.detach().cpu())
         self._dominant.append(compression.num_dominant.detach().cpu())
-        self._stock.append(torch.full_like(self._tokens[-1], compression.num_patches))
+        stock = compression.stock_tokens
+        self._stock.append(stock.detach().cpu() if stock is not None else torch.full_like(self._tokens[-1], compression.num_patches))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._collect_training(outputs)

@@ -348,8 +348,8 @@ class SparseZipModule(L.LightningModule):
         records = []
         tokens = compression.visual_tokens.tolist()  # an LLM-side method's: the mean over decoder layers
         dominant = compression.num_dominant.tolist()
-        stock = compression.num_patches
-        for meta, text, n_tokens, n_dominant in zip(batch["meta"], texts, tokens, dominant):
+        stock = compression.stock_tokens.tolist()
+        for meta, text, n_tokens, n_dominant, n_stock in zip(batch["meta"], texts, tokens, dominant, stock):
             parser = get_benchmark(meta["task"]).parse
             records.append(
                 {
@@ -365,7 +365,7 @@ class SparseZipModule(L.LightningModule):
                     "answer": meta.get("answer"),
                     "visual_tokens": n_tokens,
                     "dominant_tokens": int(n_dominant),
-                    "stock_visual_tokens": stock,
+                    "stock_visual_tokens": int(n_stock),
                 }
             )
         return {"records": records, "compression": compression}

@@ -4,6 +4,7 @@ vision tower and its LLM (vision side) or inside its decoder (LLM side)."""
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -96,6 +97,7 @@ class CompressedLlava(nn.Module):
             raise ValueError(f"visual_positions must be one of {VISUAL_POSITIONS}, got {visual_positions!r}")
         self.visual_positions = visual_positions
         self._layout = None  # the family's layout of the last batch's images (tiled families)
+        self._stock_span: int | torch.Tensor = 0
         if compressor is None:
             # Initial weights (e.g. a text projection) drawn from a generator of their own: the same
             # config gives the same start wherever and whenever the model is built (one process or several).
@@ -182,7 +184,13 @@ class CompressedLlava(nn.Module):
             text_embeds = self.backend.embed_tokens(input_ids)
         compression = self.compress(batch, method, text_embeds, question_mask)
         spliced = self.splice(batch, compression, text_embeds)
-        return spliced, self.backend.sample_compression(compression, self._layout)
+        per_sample = self.backend.sample_compression(compression, self._layout)
+        has_image = batch.get("has_image")
+        has_image = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device) if has_image is None \
+            else has_image.to(input_ids.device)
+        stock = torch.as_tensor(self._stock_span, device=input_ids.device).expand(len(input_ids))
+        return spliced, dataclasses.replace(per_sample, input_tokens=spliced.visual_mask.sum(1),
+                                            stock_tokens=stock.long() * has_image)
 
     def splice(
         self, batch: dict[str, Any], compression: CompressionOutput, text_embeds: torch.Tensor | None = None
@@ -198,6 +206,7 @@ class CompressedLlava(nn.Module):
             with torch.no_grad():
                 text_embeds = self.backend.embed_tokens(input_ids)
         tokens, mask, offsets, span = self.backend.visual_inputs(compression, self._layout)
+        self._stock_span = span  # the stock visual token count, per sample when it varies
         original = self.visual_positions == "original"
         spliced = splice_visual_tokens(
             text_embeds,
