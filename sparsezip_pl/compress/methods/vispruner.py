@@ -53,21 +53,17 @@ class VisPrunerConfig:
     """Vision layer whose CLS attention ranks the patches (``hidden_states`` indexing)."""
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, C], index [B, K] -> [B, K, C]."""
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
 def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, keep: int, per_pass: int = 8) -> torch.Tensor:
     """VisPruner's iterative duplicate removal: unit [B, N, C] unit-norm features, residual [B, R]
     candidate indices in ranking order -> [B, keep] the survivors (in the final list's order)."""
+    rows = torch.arange(unit.shape[0], device=unit.device).unsqueeze(1)
     while True:
         length = residual.shape[1]
         a, b = residual[:, 0::2], residual[:, 1::2]
         drop = min(per_pass, length - keep, a.shape[1])
-        if drop <= 0:  # (B is empty only when the list has one patch, which then stays)
+        if drop <= 0:  # keep >= 1, so a one-patch list (B empty) always returns here
             return residual
-        similarity = gather_rows(unit, a) @ gather_rows(unit, b).transpose(1, 2)  # [B, |A|, |B|]
+        similarity = unit[rows, a] @ unit[rows, b].transpose(1, 2)  # [B, |A|, |B|]
         score = similarity.amax(dim=2)
         survivors = score.argsort(dim=1, descending=True, stable=True)[:, drop:]
         residual = torch.cat([a.gather(1, survivors), b], dim=1)
