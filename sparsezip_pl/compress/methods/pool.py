@@ -57,9 +57,10 @@ def pooled_grid(rows: int, cols: int, tokens: int, fixed_rows: int | None = None
     return r, min(cols, tokens // r)
 
 
-def cell_edges(size: int, cells: int) -> list[int]:
-    """Boundaries of ``cells`` near-equal consecutive parts of ``size``: floor(i * size / cells)."""
-    return [i * size // cells for i in range(cells + 1)]
+def cell_edges(size: int, cells: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[cells + 1] boundaries of ``cells`` near-equal consecutive parts of ``size``:
+    floor(i * size / cells), built on ``device`` (no host-to-device copy)."""
+    return torch.div(torch.arange(cells + 1, device=device) * size, cells, rounding_mode="floor")
 
 
 @register_method("pool", config=PoolConfig)
@@ -87,13 +88,12 @@ class GridPool(VisionMethod):
         self.check_budget(n)
         r, c = self._grid(grid_rows, grid_cols)
         device = patches.device
-        row_edges = torch.tensor(cell_edges(grid_rows, r), device=device)
-        col_edges = torch.tensor(cell_edges(grid_cols, c), device=device)
+        row_edges, col_edges = cell_edges(grid_rows, r, device), cell_edges(grid_cols, c, device)
         # Cell of every patch row / column (bucketize: edges[i] <= x < edges[i + 1] -> i).
         row_cell = torch.bucketize(torch.arange(grid_rows, device=device), row_edges[1:], right=True)
         col_cell = torch.bucketize(torch.arange(grid_cols, device=device), col_edges[1:], right=True)
         cell = (row_cell[:, None] * c + col_cell[None, :]).reshape(n)  # [N] in 0 .. r*c-1
-        counts = torch.bincount(cell, minlength=r * c).to(torch.float32)
+        counts = (row_edges.diff()[:, None] * col_edges.diff()[None, :]).reshape(r * c).to(torch.float32)
         sums = patches.new_zeros(batch, r * c, width, dtype=torch.float32).index_add_(1, cell, patches.float())
         tokens = (sums / counts[:, None]).to(patches.dtype)
         centre_row = (row_edges[:-1] + row_edges[1:] - 1) // 2
