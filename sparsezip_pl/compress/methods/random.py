@@ -2,8 +2,10 @@
 
 The smallest complete method, and the pattern for a new one: a config dataclass whose fields
 become ``--model.compressor.<name>.<field>`` options, and a :class:`VisionMethod` subclass
-registered under its name with ``output_length`` and ``forward``. A file in this folder is all
-it takes: the registry imports it, the CLI, the Python API and ``bench/methods.py`` find it.
+registered under its name with ``output_length`` and ``forward`` (here
+:class:`~sparsezip_pl.compress.selection.SelectionMethod`, which gives ``output_length`` to the
+methods that keep exactly ``budget`` patches). A file in this folder is all it takes: the
+registry imports it, and the CLI, the Python API and ``bench/methods.py`` find it.
 
 The draw is a counter-based hash of (seed, patch index) (:func:`merge.hash_uniform`), not a
 random generator: it is the same on every device, for every batch size and for an image
