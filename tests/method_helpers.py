@@ -80,4 +80,5 @@ def assert_batched_equals_alone(method, cap: VisionCapture) -> CompressionOutput
 def assert_same_output(a: CompressionOutput, b: CompressionOutput) -> None:
     """Two outputs are identical, field by field."""
     for field in dataclasses.fields(a):
-        assert torch.equal(getattr(a, field.name), getattr(b, field.name)), field.name
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        assert (x is None and y is None) if x is None or y is None else torch.equal(x, y), field.name
