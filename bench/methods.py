@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,12 +52,28 @@ from sparsezip_pl.data.synthetic import generate_world  # noqa: E402
 from sparsezip_pl.demo.pipeline import results_row, world_args  # noqa: E402
 
 
-def cli_command(method: str, budget: int | None, world: dict, run_dir: Path, args) -> list[str]:
+#: Rows beside each registered method's defaults: SparseZip with a fixed K spends exactly the
+#: budget, where its dynamic K (the default) spends at most that many tokens per image.
+VARIANTS = ("sparsezip:dynamic_k=false",)
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``name`` or ``name:option=value,option=value`` (options of the method's own section)."""
+    name, _, options = spec.partition(":")
+    pairs = [item.split("=", 1) for item in options.split(",") if item]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"method spec {spec!r}: options are option=value, comma separated")
+    return name, dict(pairs)
+
+
+def cli_command(spec: str, budget: int | None, world: dict, run_dir: Path, args) -> list[str]:
     """The ``python -m sparsezip_pl test`` command of one row."""
+    method, options = parse_spec(spec)
     command = [sys.executable, "-m", "sparsezip_pl", "test", "--config", args.config, *world_args(world),
                f"--model.model_path={args.model_path}", f"--model.compressor.method={method}",
                "--trainer.logger=false", f"--trainer.default_root_dir={run_dir}",
                "--trainer.enable_progress_bar=false"]
+    command += [f"--model.compressor.{method}.{key}={value}" for key, value in options.items()]
     if budget is not None:
         command.append(f"--model.compressor.budget={budget}")
     return command
@@ -85,7 +102,7 @@ def timing_batch(backend, world: dict, size: int) -> dict:
     return backend.batch_builder("generate")(samples)
 
 
-def timers(backend, method: str, budget: int | None, batch: dict):
+def timers(backend, spec: str, budget: int | None, batch: dict):
     """(method timer or None for ``none``, prefill timer) of one row: functions that run once and
     return the seconds they measured.
 
@@ -95,7 +112,9 @@ def timers(backend, method: str, budget: int | None, batch: dict):
     """
     from sparsezip_pl.models.compressed import CompressedLlava
 
-    model = CompressedLlava(backend, {"method": method, "budget": budget}).eval()
+    method, options = parse_spec(spec)
+    options = {key: yaml.safe_load(value) for key, value in options.items()}
+    model = CompressedLlava(backend, {"method": method, "budget": budget, **({method: options} if options else {})}).eval()
     module = model.compressor
     name = "select" if model.llm_side else "forward"
     inner = getattr(module, name)
@@ -201,7 +220,8 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="registered methods to compare (default: all the registry knows); none is always added")
+                        help="methods to compare, NAME or NAME:option=value,... (default: every registered method and "
+                             "sparsezip:dynamic_k=false); none is always added")
     parser.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192], help="visual tokens per image")
     parser.add_argument("--world-images", type=int, default=3,
                         help="images per MME subtask (2 questions each) and per POPE split")
@@ -218,9 +238,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     command = "python bench/methods.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
 
-    names = args.methods or method_names()
+    names = args.methods or [*method_names(), *VARIANTS]
     for name in names:
-        get_method(name)  # an unknown name lists the known ones
+        get_method(parse_spec(name)[0])  # an unknown name lists the known ones
     names = ["none"] + [n for n in names if n != "none"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = (REPO / args.runs / stamp).resolve()
@@ -235,7 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("$ " + " ".join(shlex.quote(c) for c in cli[1:]), flush=True)
             started = time.monotonic()
             results = run_cli(cli, runs / label)
-            row = {"method": name, "side": get_method(name).side, "budget": budget}
+            row = {"method": name, "side": get_method(parse_spec(name)[0]).side, "budget": budget}
             if "error" in results:
                 row.update(results)
                 print(f"  failed: {results['error']} (log: {results['log']})")
