@@ -40,6 +40,19 @@ def zscore(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (x - mean) / (std + ZSCORE_EPS)
 
 
+def head_sum(keys: torch.Tensor) -> torch.Tensor:
+    """Sum over the heads of keys [M, h, N, d] -> [M, N, d].
+
+    One product of a row of ones with each image's [h, N * d] block: it reads the keys once at
+    memory speed, where a reduction over the (strided) head axis is several times slower on CPU.
+    """
+    m, heads, n, d = keys.shape
+    if heads == 1:
+        return keys[:, 0]
+    ones = keys.new_ones(1, 1, heads).expand(m, 1, heads)
+    return torch.bmm(ones, keys.reshape(m, heads, n * d)).view(m, n, d)
+
+
 def cls_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """CLS-query attention probabilities over all L tokens, per head.
 
@@ -121,7 +134,9 @@ def _similarity_entropy_symmetric(z: torch.Tensor, tau: float) -> torch.Tensor:
 
     Logits in base 2 shifted by the bound ``1 / tau`` of every entry (rows of norm <= 1):
     ``y = (x - 1) * log2(e) / tau`` lies in ``[-2 log2(e) / tau, 0]``, so ``2^y`` neither overflows
-    nor underflows for ``tau >= _FIXED_SHIFT_MIN_TAU``.
+    nor underflows for ``tau >= _FIXED_SHIFT_MIN_TAU``. Per block, ``2^y`` and ``2^y * y`` sit side
+    by side in one buffer, so one reduction per direction gives both sums (rows, and columns for
+    an off-diagonal block).
     """
     batch, n, _ = z.shape
     rows = _block_rows(batch, n, z.device)
@@ -129,27 +144,22 @@ def _similarity_entropy_symmetric(z: torch.Tensor, tau: float) -> torch.Tensor:
     alpha = _LOG2E / tau
     shift = z.new_full((), -alpha)
     z_t = z.transpose(1, 2)
-    total = z.new_zeros(batch, n)  # Z = sum_j e_j
-    dot = z.new_zeros(batch, n)  # sum_j e_j y_j
-    # Two flat buffers reused by every block (fresh large allocations cost page faults on CPU).
-    y_buf = z.new_empty(batch * rows * rows)
-    e_buf = torch.empty_like(y_buf)
+    sums = z.new_zeros(2, batch, n)  # Z = sum_j e_j and sum_j e_j y_j
+    # One buffer reused by every block (fresh large allocations cost page faults on CPU).
+    buffer = z.new_empty(2 * batch * rows * rows)
     for i, (r0, r1) in enumerate(bounds):
         for c0, c1 in bounds[i:]:
-            size = (batch, r1 - r0, c1 - c0)
-            numel = size[0] * size[1] * size[2]
-            y = torch.baddbmm(shift, z[:, r0:r1], z_t[:, :, c0:c1], alpha=alpha, out=y_buf[:numel].view(size))
+            size = (2, batch, r1 - r0, c1 - c0)
+            pair = buffer[: size[0] * size[1] * size[2] * size[3]].view(size)  # [e, e * y]
+            y = torch.baddbmm(shift, z[:, r0:r1], z_t[:, :, c0:c1], alpha=alpha, out=pair[1])
             diagonal = c0 == r0
             if diagonal:
                 y.diagonal(dim1=1, dim2=2).fill_(_MASKED_LOGIT)  # 2^y = 0 and 0 * y = 0 exactly
-            e = torch.exp2(y, out=e_buf[:numel].view(size))
-            total[:, r0:r1].add_(e.sum(dim=2))
+            y.mul_(torch.exp2(y, out=pair[0]))
+            sums[:, :, r0:r1] += pair.sum(dim=3)
             if not diagonal:
-                total[:, c0:c1].add_(e.sum(dim=1))
-            e.mul_(y)
-            dot[:, r0:r1].add_(e.sum(dim=2))
-            if not diagonal:
-                dot[:, c0:c1].add_(e.sum(dim=1))
+                sums[:, :, c0:c1] += pair.sum(dim=2)
+    total, dot = sums.unbind(0)
     return (total.log2() - dot / total) * _LN2
 
 
@@ -258,16 +268,17 @@ class HybridScorer(nn.Module):
 
         attn = attention.float().flatten(0, 1).mean(dim=-2)  # [S*B, N]
         attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
-        # Head-averaged patch keys; the hybrid terms need every layer's, the rest the first layer's.
-        mean_keys = (keys if cfg.hybrid_scoring else keys[:batch]).mean(dim=1)  # [S*B or B, N, d]
-        unit_keys = F.normalize(mean_keys, dim=-1, eps=UNIT_EPS)
+        # Head-summed patch keys (the head mean times h: the same unit keys); the hybrid terms need
+        # every layer's, the rest the first layer's.
+        key_sums = head_sum(keys if cfg.hybrid_scoring else keys[:batch])  # [S*B or B, N, d]
+        unit_keys = F.normalize(key_sums, dim=-1, eps=UNIT_EPS)
         if cfg.hybrid_scoring:
-            alphas = self.alphas.float()
-            layer_scores = (
-                alphas[0] * zscore(attn)
-                + alphas[1] * zscore(feature_entropy(unit_keys, cfg.tau_feat))
-                + alphas[2] * zscore(mutual_information_proxy(unit_keys, cfg.tau_sim))
-            )
+            terms = torch.stack([
+                attn,
+                feature_entropy(unit_keys, cfg.tau_feat),
+                mutual_information_proxy(unit_keys, cfg.tau_sim),
+            ])  # [3, S*B, N]
+            layer_scores = (self.alphas.float().view(3, 1, 1) * zscore(terms)).sum(dim=0)
         else:
             layer_scores = zscore(attn)
 
@@ -285,6 +296,6 @@ class HybridScorer(nn.Module):
             text_feats = F.linear(text_embeds.float(), proj.weight.float(), proj.bias.float())
             if text_mask is None:
                 text_mask = torch.ones(text_feats.shape[:2], dtype=torch.bool, device=text_feats.device)
-            relevance = text_relevance(text_feats, text_mask, mean_keys[:batch])
+            relevance = text_relevance(text_feats, text_mask, key_sums[:batch] / keys.shape[1])
             scores = scores + cfg.cross_beta * self.text_gate.float() * zscore(relevance)
         return scores, attention, unit_keys[:batch]
