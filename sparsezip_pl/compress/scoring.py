@@ -219,6 +219,48 @@ def text_relevance(
     return summed / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def max_min_diversity(
+    unit_keys: torch.Tensor, scores: torch.Tensor, tau: torch.Tensor, rank_tau: float
+) -> torch.Tensor:
+    """How unlike a patch is to every patch scored above it: [B, N], in [0, 2].
+
+    unit_keys [B, N, d] (unit or zero rows), scores [B, N] (only their order matters: pass them
+    detached), tau a positive scalar tensor. ``1 - m_i`` with ``m_i = sum_j pi_ij c_ij``, c the
+    cosine similarities and ``pi_i = softmax_j(c_ij / tau + log sigmoid((s_j - s_i) / rank_tau))``
+    over j != i: a soft maximum of patch i's similarity to the patches that outscore it. As both
+    temperatures go to 0 this is ``1 - max_{j: s_j > s_i} c_ij``, the distance to the nearest more
+    important patch (the max-min criterion). Materializes [B, N, N]: computed only when the term
+    is on.
+    """
+    batch, n, _ = unit_keys.shape
+    if n < 2:
+        return unit_keys.new_ones(batch, n)
+    sim = torch.bmm(unit_keys, unit_keys.transpose(1, 2))  # [B, N, N], c_ij
+    above = F.logsigmoid((scores.unsqueeze(1) - scores.unsqueeze(2)) / rank_tau)  # [b, i, j]: s_j above s_i
+    eye = torch.eye(n, dtype=torch.bool, device=unit_keys.device)
+    weights = torch.softmax((sim / tau + above).masked_fill(eye, float("-inf")), dim=-1)
+    return 1.0 - (weights * sim).sum(dim=-1)
+
+
+def instruction_relevance(
+    projected: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, tau: torch.Tensor
+) -> torch.Tensor:
+    """Relevance of each patch to the question in the LLM's input space: [B, N].
+
+    projected [B, N, D] the patches through the model's projector, text [B, T, D] the question's
+    token embeddings, text_mask [B, T] bool, tau a positive scalar tensor.
+    ``r_i = tau * log(mean_t exp(cos(p_i, e_t) / tau))`` over the valid tokens: about the mean
+    cosine for a large tau (CDPruner's relevance, before its sign flip and min-max scaling), the
+    best-matching token's cosine as tau goes to 0. Zeros for a question without valid tokens.
+    """
+    cos = torch.bmm(F.normalize(projected, dim=-1, eps=UNIT_EPS), F.normalize(text, dim=-1, eps=UNIT_EPS).transpose(1, 2))
+    # A finite fill (not -inf): a question without valid tokens keeps finite values and gradients.
+    logits = (cos / tau).masked_fill(~text_mask.unsqueeze(1), torch.finfo(cos.dtype).min)
+    count = text_mask.sum(dim=1, keepdim=True)  # [B, 1]
+    relevance = tau * (torch.logsumexp(logits, dim=-1) - count.clamp_min(1).to(cos.dtype).log())
+    return torch.where(count > 0, relevance, 0.0)
+
+
 class HybridScorer(nn.Module):
     """Hybrid, multi-layer, optionally text-aware patch scores.
 
@@ -226,11 +268,21 @@ class HybridScorer(nn.Module):
     ``alphas`` [3] (attention, entropy, mutual information), ``gate_logits`` [S] (layer fusion,
     used with S >= 2), and, when ``text_dim`` is given (used when ``cross_beta > 0``),
     ``text_proj`` (question embedding -> key space) and ``text_gate`` (scalar, starts at 0).
+    Registered only when their term is on (so checkpoints of other settings load unchanged):
+    ``diversity_gate`` and ``diversity_log_tau`` (``diversity_beta > 0``), ``instruction_gate``
+    and ``instruction_log_tau`` (``instruction_beta > 0``).
 
-    The text term is ``cross_beta * text_gate * zscore(relevance)``. Its gate starts at zero, so
-    an untuned text-aware compressor scores exactly like the text-blind one and tuning starts
-    from there instead of from a random projection's noise (the gate gets a gradient at zero; the
-    projection gets one as soon as the gate moves).
+    The optional terms, each z-scored over the patches and added to the fused score:
+
+    * text: ``cross_beta * text_gate * zscore(text_relevance)`` (key space, learned projection);
+    * instruction: ``instruction_beta * instruction_gate * zscore(instruction_relevance)``
+      (projector outputs against the question's embeddings, :func:`instruction_relevance`);
+    * diversity: ``diversity_beta * diversity_gate * zscore(max_min_diversity)`` against the
+      score of the other terms (:func:`max_min_diversity`, ranking by that score, detached).
+
+    Every gate starts at zero, so an untuned compressor with a term on scores exactly like one
+    without it, and tuning starts from there instead of from noise (a gate gets a gradient at zero;
+    the term's own parameters get one as soon as its gate moves).
     """
 
     def __init__(self, config: SparseZipOptions, head_dim: int, text_dim: int | None):
@@ -241,6 +293,12 @@ class HybridScorer(nn.Module):
         self.gate_logits = nn.Parameter(torch.zeros(len(config.layers)))
         self.text_proj = nn.Linear(text_dim, head_dim) if text_dim is not None else None
         self.text_gate = nn.Parameter(torch.zeros(())) if text_dim is not None else None
+        if config.diversity_beta > 0:
+            self.diversity_gate = nn.Parameter(torch.zeros(()))
+            self.diversity_log_tau = nn.Parameter(torch.tensor(math.log(config.diversity_tau)))
+        if config.instruction_beta > 0:
+            self.instruction_gate = nn.Parameter(torch.zeros(()))
+            self.instruction_log_tau = nn.Parameter(torch.tensor(math.log(config.instruction_tau)))
 
     def layer_weights(self) -> torch.Tensor:
         """softmax of the gate logits, [S] float32."""
@@ -252,12 +310,16 @@ class HybridScorer(nn.Module):
         keys: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        project=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score the patches.
 
         attention [S, B, h, N] the CLS row's attention to the patches per head (softmax over all
         tokens, CLS column dropped; or the family's substitute), keys [S, B, h, N, d] the patch
-        keys (any float dtype).
+        keys (any float dtype). text_embeds [B, T, D] / text_mask [B, T]: the question (text and
+        instruction terms); patches [B, N, C] and ``project`` (features -> LLM input space): the
+        instruction term.
         Returns ``scores`` [B, N] (float32, fused), ``attention`` [B, N] (gate-weighted CLS
         attention distribution over patches) and ``unit_keys`` [B, N, d] (the head-averaged
         patch keys of the first scoring layer, L2-normalized: what the merge clusters).
@@ -298,4 +360,16 @@ class HybridScorer(nn.Module):
                 text_mask = torch.ones(text_feats.shape[:2], dtype=torch.bool, device=text_feats.device)
             relevance = text_relevance(text_feats, text_mask, key_sums[:batch] / keys.shape[1])
             scores = scores + cfg.cross_beta * self.text_gate.float() * zscore(relevance)
+        if cfg.instruction_beta > 0:
+            if text_mask is None:
+                text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
+            with torch.no_grad():  # the projector is the model's (frozen): no gradient needed through it
+                projected = project(patches).float()
+            relevance = instruction_relevance(projected, text_embeds.float(), text_mask, self.instruction_log_tau.float().exp())
+            scores = scores + cfg.instruction_beta * self.instruction_gate.float() * zscore(relevance)
+        if cfg.diversity_beta > 0:
+            diversity = max_min_diversity(
+                unit_keys[:batch], scores.detach(), self.diversity_log_tau.float().exp(), cfg.select_tau
+            )
+            scores = scores + cfg.diversity_beta * self.diversity_gate.float() * zscore(diversity)
         return scores, attention, unit_keys[:batch]
