@@ -28,6 +28,9 @@ Then SparseZip alone (at 64 tokens on LLaVA-1.5 captures): eager, eager replayed
 ``torch.compile`` (inductor), and ``torch.compile(mode="reduce-overhead")`` (inductor with CUDA
 graphs); compiling costs minutes, so by default only at the largest batch.
 
+With ``--vs-seed PATH``: the seed prototype against SparseZip (seed K rule; eager and replayed
+as a CUDA graph) on this device, as ``bench/compressor.py --vs-seed`` does on any device.
+
 Every figure is the median of ``--repeats`` synchronized runs after ``--warmup`` untimed ones.
 The run keeps to ``--max-minutes`` (default 7.5): cases are run in order of importance (SDPA on
 LLaVA-1.5, the compressor variants, SDPA on the NeXT shape, then FlashAttention-2) and a case
@@ -257,6 +260,51 @@ def _compiled_time(method, capture, device, args, mode: str | None) -> float:
     return seconds
 
 
+def versus_seed(path: str, device: torch.device, args) -> list[dict]:
+    """The seed prototype against SparseZip (seed K rule) on this device, like-for-like as
+    ``bench/compressor.py --vs-seed`` (B = 8, LLaVA-1.5 shapes, round-robin medians)."""
+    import compressor as compressor_bench  # bench/compressor.py
+
+    from sparsezip_pl.compress import DynKConfig, SparseZipCompressor, SparseZipConfig
+
+    module = compressor_bench.load_seed(path)
+    config = SparseZipConfig(dynk=DynKConfig(rule="seed"))
+    seed = compressor_bench.seed_compressor(module, config).to(device)
+    projector = compressor_bench.llava_projector(device)
+    capture = compressor_bench.make_capture(8, 1, 0, device, projector)
+    inputs = compressor_bench.seed_inputs(capture)
+    layers = [{"attn": inputs["attn"], "keys": inputs["keys"]}]
+    ours = SparseZipCompressor(config, 16, 64, check_inputs=False).to(device).eval()
+
+    def run_seed():
+        torch.manual_seed(0)
+        return seed(scoring_layers=layers, hidden_states=inputs["hidden"], dominant_num=None,
+                    weights_for_context=inputs["weights"])
+
+    fns = {"seed prototype": run_seed, "sparsezip seed K rule (eager)": lambda: ours(capture)}
+    if device.type == "cuda":
+        with torch.no_grad():
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    ours(capture)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                ours(capture)
+        fns["sparsezip seed K rule (CUDA graph)"] = graph.replay
+    with torch.no_grad():
+        samples = compressor_bench.round_robin(fns, max(5, args.repeats), 2, device)
+    seed_ms = statistics.median(samples["seed prototype"][0]) * 1e3 / 8
+    rows = []
+    for name, (wall, _) in samples.items():
+        ms = statistics.median(wall) * 1e3 / 8
+        rows.append({"variant": name, "ms_per_image": ms, "seed_over_this": seed_ms / ms})
+        print(f"  {name}: {ms:.3f} ms / image, seed / this {seed_ms / ms:.1f}x", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------ output
 
 
@@ -303,6 +351,12 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['variant']} | {row['batch']} | {fmt(row.get('ms_per_batch'), 3)} | "
                          f"{fmt(row.get('ms_per_image'), 3)} | {fmt(row.get('speedup_vs_eager'), 2)} | {row['status']} |")
         lines.append("")
+    if report.get("vs_seed"):
+        lines += ["## SparseZip against the seed prototype (B = 8, LLaVA-1.5 shapes, seed K rule, same process)", "",
+                  "| variant | ms / image (median) | seed / this |", "|---|---:|---:|"]
+        for row in report["vs_seed"]:
+            lines.append(f"| {row['variant']} | {row['ms_per_image']:.3f} | {row['seed_over_this']:.1f}x |")
+        lines.append("")
     if report["skipped"]:
         lines += [f"Skipped to keep within {report['max_minutes']} minutes: {len(report['skipped'])} cases "
                   f"({', '.join(report['skipped'][:12])}{' ...' if len(report['skipped']) > 12 else ''}).", ""]
@@ -329,6 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="default: 1 (0 with --smoke)")
     parser.add_argument("--max-minutes", type=float, default=7.5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the compressor")
+    parser.add_argument("--vs-seed", metavar="PATH", help="also time the seed prototype's sparsezip.py against SparseZip")
     parser.add_argument("--compile-batches", type=int, nargs="+", default=None, help="default: the largest batch")
     parser.add_argument("--out", default=None, help="folder for gpu_bench.json / gpu_bench.md (default: bench_results/gpu-DATE)")
     args = parser.parse_args(argv)
@@ -429,6 +484,11 @@ def run(args: argparse.Namespace) -> dict:
         if (model, attention) == first:
             set_attention("sdpa")
             report["compressor"] = compressor_variants(backend, args.batches, args.compile_batches, args, device, deadline)
+            if args.vs_seed:
+                try:
+                    report["vs_seed"] = versus_seed(args.vs_seed, device, args)
+                except Exception as error:  # report, go on
+                    print(f"  --vs-seed failed: {type(error).__name__}: {error}", flush=True)
             set_attention(attention)
     set_attention("sdpa")
     report["minutes"] = (time.perf_counter() - started) / 60

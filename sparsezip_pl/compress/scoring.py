@@ -2,10 +2,10 @@
 
 All functions work on float32 tensors and are batched; several scoring layers are handled by
 folding the layer axis into the batch axis. Nothing here builds an L x L attention map: the CLS
-attention row is computed from the captured CLS query and keys in O(L) per head. The only
-quadratic object is the N x N patch-similarity matrix of the mutual-information proxy, which is
-N x N by definition; without autograd it is reduced block by block and never stored whole
-(:func:`mutual_information_proxy`).
+attention row is computed from the captured CLS query and keys in O(L) per head. The quadratic
+objects are N x N patch similarities: the mutual-information proxy's, which without autograd is
+reduced block by block and never stored whole (:func:`mutual_information_proxy`), and, only when
+that optional term is on, the diversity term's (:func:`max_min_diversity`).
 """
 
 from __future__ import annotations
