@@ -26,7 +26,7 @@ Rows:
   CLS row computed from the same queries and keys; the head-averaged keys; the head-averaged CLS
   attention as merge weights); SparseZip gets its own capture (per-head keys and the CLS query)
   and, in a second row, the very tensors the seed gets (head-averaged keys as a one-head capture
-  and the head-averaged CLS attention row), which gives the same result with less input to read.
+  and the head-averaged CLS attention row): the same scores up to float rounding, less input to read.
   Every ratio is seed time / row time from the same interleaved run.
 
 Timing: all rows are timed round-robin (one forward of each per round, ``--repeats`` rounds after
