@@ -54,7 +54,10 @@ class SparseZipCompressor(VisionMethod):
     Trainable parameters, registered whatever the settings (inert where unused):
     ``scorer.alphas`` [3], ``scorer.gate_logits`` [S], ``scorer.text_proj`` (Linear
     text_dim -> head_dim) and ``scorer.text_gate`` (scalar, 0 at first: see :class:`HybridScorer`),
-    both when ``text_dim`` is given, and ``budget.offset`` (the dynamic-K ``c``).
+    both when ``text_dim`` is given, and ``budget.offset`` (the dynamic-K ``c``); with
+    ``diversity_beta > 0`` ``scorer.diversity_gate`` and ``scorer.diversity_log_tau``, with
+    ``instruction_beta > 0`` ``scorer.instruction_gate`` and ``scorer.instruction_log_tau`` (every
+    gate starts at 0: a term changes nothing until tuned).
 
     ``config.layers[0]`` is the primary scoring layer (default -2, LLaVA's feature layer): its
     head-averaged keys drive the contextual merge and the text term. With several layers, dynamic
@@ -109,7 +112,12 @@ class SparseZipCompressor(VisionMethod):
 
     @property
     def needs_text(self) -> bool:
-        return self.method == "sparsezip" and self.config.cross_beta > 0
+        cfg = self.config
+        return self.method == "sparsezip" and (cfg.cross_beta > 0 or cfg.instruction_beta > 0)
+
+    @property
+    def needs_projected(self) -> bool:
+        return self.method == "sparsezip" and self.config.instruction_beta > 0
 
     @property
     def scoring_layers(self) -> list[int]:
@@ -189,7 +197,7 @@ class SparseZipCompressor(VisionMethod):
             return compress_visionzip(
                 hidden, attention[0], keys[0], cfg.dominant - 1, cfg.merging.contextual_num, capture.has_cls
             )
-        return self._sparsezip(hidden, attention, keys, text_embeds, text_mask, capture.has_cls)
+        return self._sparsezip(hidden, attention, keys, text_embeds, text_mask, capture.has_cls, capture)
 
     def _sparsezip(
         self,
@@ -199,10 +207,12 @@ class SparseZipCompressor(VisionMethod):
         text_embeds: torch.Tensor | None,
         text_mask: torch.Tensor | None,
         has_cls: bool = True,
+        capture: VisionCapture | None = None,
     ) -> CompressionOutput:
         cfg, merging = self.config, self.config.merging
         n = attention.shape[-1]
-        scores, attention, unit_keys = self.scorer(attention, keys, text_embeds, text_mask)
+        patches, project = (capture.patches(), capture.project) if self.needs_projected else (None, None)
+        scores, attention, unit_keys = self.scorer(attention, keys, text_embeds, text_mask, patches, project)
 
         if cfg.dynamic_k:
             k_low, k_high, slots = min(cfg.k_min, n), min(cfg.k_max, n), cfg.k_max
@@ -281,8 +291,12 @@ class SparseZipCompressor(VisionMethod):
 
         if not self.needs_text:
             return
+        terms = " and ".join(name for name in ("cross_beta", "instruction_beta") if getattr(self.config, name) > 0)
         if text_embeds is None:
-            raise ValueError("config.cross_beta > 0 needs text_embeds [B, T, text_dim] (the question's embeddings)")
+            raise ValueError(f"config.{terms} > 0 needs text_embeds [B, T, text_dim] (the question's embeddings)")
+        if self.needs_projected and capture.project is None:
+            raise ValueError("config.instruction_beta > 0 needs capture.project (the model's projector: the "
+                             "instruction term compares projected patches with the question's embeddings)")
         if text_embeds.dim() != 3 or text_embeds.shape[0] != batch or text_embeds.shape[2] != self.text_dim:
             raise ValueError(
                 f"text_embeds must be [B, T, text_dim] = [{batch}, T, {self.text_dim}], got {tuple(text_embeds.shape)}"
@@ -386,6 +400,16 @@ def _validate_config(config: SparseZipOptions, num_heads: int, head_dim: int, te
         fail(f"cross_beta must be >= 0, got {config.cross_beta!r}")
     if config.cross_beta > 0 and method == "sparsezip" and text_dim is None:
         fail("cross_beta > 0 needs the compressor's text_dim (width of the question embeddings)")
+    for name in ("diversity_beta", "instruction_beta"):
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            fail(f"{name} must be a finite number >= 0, got {value!r}")
+    for name in ("diversity_tau", "instruction_tau"):
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            fail(f"{name} must be a finite number > 0, got {value!r}")
+    if config.instruction_beta > 0 and method == "sparsezip" and text_dim is None:
+        fail("instruction_beta > 0 needs the compressor's text_dim (width of the question embeddings)")
     alphas = config.alphas
     if not all(math.isfinite(a) for a in (alphas.attn, alphas.entropy, alphas.mutual)):
         fail(f"alphas must be finite, got {alphas!r}")

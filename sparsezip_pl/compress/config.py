@@ -70,6 +70,12 @@ class MergingConfig:
 class SparseZipOptions:
     """SparseZip's own options (the ``sparsezip`` section of a compressor config).
 
+    The score mixes attention, key entropy and the mutual-information proxy (``alphas``), several
+    layers by learned gates, and three optional terms whose gates start at 0 (so turning one on
+    changes nothing until tuning moves its gate): text relevance in key space (``cross_beta``),
+    diversity (``diversity_beta``) and instruction relevance in the LLM's input space
+    (``instruction_beta``).
+
     Ablations: ``hybrid_scoring=False`` scores by CLS attention alone, ``dynamic_k=False`` keeps a
     fixed ``dominant`` tokens (CLS included), ``merging.hierarchical=False`` merges leftovers the
     VisionZip way. With a ``budget`` on the compressor, the fixed budget is exactly that many
@@ -102,6 +108,28 @@ class SparseZipOptions:
     cross_beta: float = 0.0
     """Weight of the text-relevance term (question embeddings through a trainable projection); 0 = off.
     The term also has a learned gate that starts at 0: it acts only once tuned."""
+    diversity_beta: float = 0.0
+    """Weight of the diversity term; 0 = off (not computed). The term is high for a patch unlike
+    every patch scored above it: ``1 - m_i``, with ``m_i`` a soft maximum of the cosine similarity
+    of patch i's keys to the patches that outscore it (the max-min criterion of DivPrune, and what
+    a DPP's conditional gain penalizes: a near-copy of a more important patch adds little). It is
+    added as ``diversity_beta * diversity_gate * zscore(1 - m)``; the gate is a trainable scalar
+    that starts at 0, so the term changes nothing until tuning (distillation) moves it."""
+    diversity_tau: float = 0.1
+    """Initial temperature (trainable, kept as its log) of the diversity term's soft maximum over
+    similarities; towards 0 it is the hard maximum (the nearest more important patch)."""
+    instruction_beta: float = 0.0
+    """Weight of the instruction-relevance term; 0 = off (not computed). Each patch is projected
+    into the LLM's input space (the model's projector) and compared with the question's token
+    embeddings by cosine similarity, aggregated over the question's tokens by a soft maximum (see
+    ``instruction_tau``), the relevance CDPruner computes without a text tower. Added as
+    ``instruction_beta * instruction_gate * zscore(r)`` with a signed trainable gate that starts at
+    0: tuning learns whether, and with which sign, relevance helps (CDPruner flips the sign by
+    hand for CLIP features). Needs the question's embeddings and ``text_dim``; costs one projector
+    pass over every patch."""
+    instruction_tau: float = 1.0
+    """Initial temperature (trainable, kept as its log) of the soft maximum over question tokens:
+    large: about the mean cosine (CDPruner); towards 0: the best-matching token."""
     merging: MergingConfig = field(default_factory=MergingConfig)
     """How leftover patches become contextual tokens."""
     select_tau: float = 0.1

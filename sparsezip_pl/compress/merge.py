@@ -132,10 +132,19 @@ def _first_argmax(
     column without a maximum (NaN) gets index k - 1.
     """
     k = sim.shape[1]
+    return (k - _countdown_of_max(sim, hits, countdown)).long().clamp_(max=k - 1)
+
+
+def _countdown_of_max(
+    sim: torch.Tensor, hits: torch.Tensor | None = None, countdown: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``k - argmax`` over dim 1 of sim [B, k, N] as a float [B, N] (ties: lowest index), 0 for a
+    column without a maximum (NaN). See :func:`_first_argmax`."""
+    k = sim.shape[1]
     best = sim.amax(dim=1, keepdim=True)
     hits = torch.eq(sim, best, out=hits) if hits is not None else torch.eq(sim, best).to(sim.dtype)
     countdown = _countdown(k, sim) if countdown is None else countdown
-    return (k - hits.mul_(countdown).amax(dim=1)).long().clamp_(max=k - 1)
+    return hits.mul_(countdown).amax(dim=1)
 
 
 def _countdown(k: int, like: torch.Tensor) -> torch.Tensor:
@@ -154,30 +163,31 @@ def kmeans_pp_init(
     Returns centroids [B, k, d] and alive [B, k]: False where no candidate was left (fewer
     distinct weighted points than k).
     """
+    batch, n, dim = points.shape
     # Exponential race (the Gumbel-max trick without logs): argmax_n p_n / E_n with E_n ~ Exp(1)
     # i.i.d. is a sample from the distribution proportional to p.
-    noise = _exponential_noise(k, points.shape[1], seed, points.device)  # [k, N]
-    race = (weights.unsqueeze(0) / noise.unsqueeze(1)).unsqueeze(2).unbind(0)  # k views [B, 1, N]
+    noise = _exponential_noise(k, n, seed, points.device)  # [k, N]
+    race = (weights.unsqueeze(0) / noise.unsqueeze(1)).unbind(0)  # k views [B, N]
     # D^2(x, c) = |x|^2 + |c|^2 - 2 x.c, one product of augmented vectors [x, |x|^2, 1].[-2c, 1, |c|^2].
     sq_norms = torch.linalg.vector_norm(points, dim=-1, keepdim=True).square_()
     ones = torch.ones_like(sq_norms)
-    # A transposed view: the product reads it as is (a transposed copy would cost more than it saves).
-    lhs_t = torch.cat([points, sq_norms, ones], dim=-1).transpose(1, 2)  # [B, d + 2, N]
-    rhs = torch.cat([points, ones, sq_norms], dim=-1)  # [B, N, d + 2]
-    rhs[..., : points.shape[-1]].mul_(-2.0)
+    # [B, d + 2, N], contiguous: a row times it is one fast product per step (a transposed view
+    # or a matrix-vector product are both slower, and there are k - 1 of them).
+    lhs_t = torch.cat([points, sq_norms, ones], dim=-1).transpose(1, 2).contiguous()
+    rhs = torch.cat([points * -2.0, ones, sq_norms], dim=-1).view(batch * n, dim + 2)
+    first_row = torch.arange(0, batch * n, n, device=points.device)  # [B]
     chosen, best = [], []
     min_d2 = None
     for step in range(k):
-        value, index = (race[0] if min_d2 is None else race[step] * min_d2).max(dim=2, keepdim=True)  # [B, 1, 1]
+        value, index = (race[0] if min_d2 is None else race[step] * min_d2).max(dim=1)  # [B]
         chosen.append(index)
         best.append(value)
         if step == k - 1:
             break
-        # A row times a matrix: a (much slower) matrix-vector product otherwise.
-        d2 = torch.bmm(rhs.gather(1, index.expand(-1, -1, rhs.shape[-1])), lhs_t)  # [B, 1, N]
-        d2 = torch.threshold(d2, _DUPLICATE_D2, 0.0)
-        min_d2 = d2 if min_d2 is None else torch.minimum(min_d2, d2)
-    return _gather_rows(points, torch.cat(chosen, dim=1).squeeze(-1)), torch.cat(best, dim=1).squeeze(-1) > 0
+        d2 = torch.bmm(rhs.index_select(0, index + first_row).unsqueeze(1), lhs_t).squeeze(1)  # [B, N]
+        d2 = torch.threshold_(d2, _DUPLICATE_D2, 0.0)
+        min_d2 = d2 if min_d2 is None else torch.minimum(min_d2, d2, out=min_d2)
+    return _gather_rows(points, torch.stack(chosen, dim=1)), torch.stack(best, dim=1) > 0
 
 
 def assign_nearest(points: torch.Tensor, centroids: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
@@ -201,10 +211,14 @@ def weighted_kmeans(
     Returns the clusters' weighted point sums [B, k, d] (``sum_n w_n x_n`` over members: the
     mass-weighted, unnormalized centroid), alive [B, k] (False also for centroids left without
     members) and the final assignment [B, N].
+
+    Every step is one product (similarities), one argmax over the clusters and one sum of the
+    rows ``[w x, w]`` per cluster (the mass rides along as a last column), so the centroids and
+    the final masses come from the same pass.
     """
     batch, k, dim = centroids.shape
     n = points.shape[1]
-    weighted = points * weights.unsqueeze(-1)  # [B, N, d]
+    values = torch.cat([points * weights.unsqueeze(-1), weights.unsqueeze(-1)], dim=-1)  # [B, N, d + 1]
     points_t = points.transpose(1, 2)  # a view: the matmul reads it transposed, no copy
     bias = _dead_bias(alive).unsqueeze(-1)  # [B, k, 1]
     # Buffers reused by every iteration (fresh large allocations cost page faults on CPU).
@@ -212,32 +226,38 @@ def weighted_kmeans(
     hits = torch.empty_like(sim)
     countdown = _countdown(k, sim)
     if _sum_by_index_add(points.device):
-        row_of_image = torch.arange(batch, device=points.device).mul_(k).unsqueeze(1)  # [B, 1]
+        # Row b * (k + 1) + j of a flat buffer sums cluster j of image b; row b * (k + 1) + k is a
+        # trash row for points without a maximum (NaN similarities), so no clamp is needed.
+        rows = k + 1
+        last_row = torch.arange(1, batch + 1, device=points.device).mul_(rows).sub_(1).unsqueeze(1).to(sim.dtype)
+        flat_values = values.view(batch * n, dim + 1)
+        buffer = values.new_empty(batch * rows, dim + 1)
 
-        def cluster_sums(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            """values [B, N, m] -> per-cluster sums [B, k, m]."""
-            rows = (assignment + row_of_image).view(-1)
-            flat = values.reshape(batch * n, -1)
-            return flat.new_zeros(batch * k, flat.shape[1]).index_add_(0, rows, flat).view(batch, k, -1)
+        def assign_and_sum() -> tuple[torch.Tensor, torch.Tensor]:
+            """(per-cluster sums of [w x, w] [B, k, d + 1], k - assignment [B, N] float)."""
+            torch.baddbmm(bias, centroids, points_t, out=sim)  # [B, k, N]
+            countdown_hit = _countdown_of_max(sim, hits, countdown)  # k - argmax, 0 for none
+            target = torch.sub(last_row, countdown_hit).long().view(-1)
+            sums = buffer.zero_().index_add_(0, target, flat_values).view(batch, rows, dim + 1)
+            return sums[:, :k], countdown_hit
 
     else:
 
-        def cluster_sums(assignment: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        def assign_and_sum() -> tuple[torch.Tensor, torch.Tensor]:
+            torch.baddbmm(bias, centroids, points_t, out=sim)
+            countdown_hit = _countdown_of_max(sim, hits, countdown)
+            assignment = (k - countdown_hit).long().clamp_(max=k - 1)
             one_hot = torch.zeros_like(sim).scatter_(1, assignment.unsqueeze(1), 1.0)
-            return torch.bmm(one_hot, values)
-
-    def assign() -> torch.Tensor:
-        torch.baddbmm(bias, centroids, points_t, out=sim)  # [B, k, N]
-        return _first_argmax(sim, hits, countdown)
+            return torch.bmm(one_hot, values), countdown_hit
 
     for _ in range(iters):
-        sums = cluster_sums(assign(), weighted)
-        norm = sums.norm(dim=-1, keepdim=True)
+        sums = assign_and_sum()[0][..., :dim]
+        norm = torch.linalg.vector_norm(sums, dim=-1, keepdim=True)
         # A cluster without (weighted) members keeps its previous centroid.
         centroids = torch.where(norm > 0, sums / norm.clamp_min(1e-30), centroids)
-    assignment = assign()
-    mass = cluster_sums(assignment, weights.unsqueeze(-1)).squeeze(-1)
-    return cluster_sums(assignment, weighted), alive & (mass > 0), assignment
+    sums, countdown_hit = assign_and_sum()
+    assignment = (k - countdown_hit).long().clamp_(max=k - 1)
+    return sums[..., :dim], alive & (sums[..., dim] > 0), assignment
 
 
 _PAIR_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -277,27 +297,30 @@ def agglomerate(sums: torch.Tensor, alive: torch.Tensor, target: int) -> tuple[t
     device = sums.device
     rows = k + 1  # row k of each image is a trash slot: with nothing to merge, trash merges into trash
     sums = F.pad(sums, (0, 0, 0, 1))  # a fresh tensor, updated in place below
-    dead = _dead_bias(F.pad(alive, (0, 1)))  # [B, k + 1]: 0 live, -inf dead
-    # Views that follow the in-place updates of ``sums`` and ``dead``.
-    sums_flat, dead_flat, live_sums = sums.view(batch * rows, dim), dead.view(-1), sums[:, :k]
-    dead_rows, dead_cols = dead[:, :k].unsqueeze(2), dead[:, :k].unsqueeze(1)
-    not_self, pairs = _pair_tables(k, device)
+    not_self, pairs = _pair_tables(rows, device)
+    # Half of the similarity bias, kept up to date in place: row j is -inf once cluster j is dead
+    # (the trash row k too), the diagonal is -inf; ``half + half^T`` is -inf exactly on the pairs
+    # that may not merge (a dead cluster or a cluster with itself), 0 elsewhere.
+    half = _dead_bias(F.pad(alive, (0, 1), value=False)).unsqueeze(2) + not_self  # [B, k + 1, k + 1]
+    sums_flat, half_rows, live_sums = sums.view(batch * rows, dim), half.view(batch * rows, rows), sums[:, :k]
+    half_live = half[:, :k, :k]
     image = torch.arange(batch, device=device)
     # flat index of image b's k x k matrix (k * k: nothing to merge) -> flat rows of (lower, higher)
+    pairs = torch.cat([_pair_tables(k, device)[1][:-1], pairs.new_full((1, 2), k)])
     pair_rows = (pairs.unsqueeze(0) + (image * rows).view(batch, 1, 1)).view(-1, 2)  # [B * (k * k + 1), 2]
     first_pair = image * (k * k + 1)
     trash = first_pair + k * k
     # Every merge removes one live cluster: image b merges in its first (live_b - target) steps.
     active = ((alive.sum(dim=1, keepdim=True) - target) > torch.arange(steps, device=device)).unbind(1)
     for step in range(steps):
-        centroids = F.normalize(live_sums, dim=-1, eps=1e-12)
-        bias = dead_rows + (dead_cols + not_self)  # -inf: a dead cluster or the diagonal
+        norm = torch.linalg.vector_norm(live_sums, dim=-1, keepdim=True)
+        centroids = live_sums / norm.clamp_min(1e-12)  # F.normalize
+        bias = half_live + half_live.transpose(1, 2)
         flat = torch.baddbmm(bias, centroids, centroids.transpose(1, 2)).view(batch, k * k).argmax(dim=1)
-        merge = pair_rows[torch.where(active[step], flat + first_pair, trash)]  # [B, 2] flat rows
-        first, second = merge.unbind(1)
+        first, second = pair_rows[torch.where(active[step], flat + first_pair, trash)].unbind(1)  # flat rows
         sums_flat.index_add_(0, first, sums_flat.index_select(0, second))
-        dead_flat.index_fill_(0, second, float("-inf"))
-    return sums[:, :k], dead[:, :k] == 0
+        half_rows.index_fill_(0, second, float("-inf"))
+    return sums[:, :k], half[:, :k, k] == 0
 
 
 def _bag_sums(patches: torch.Tensor, weights: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -394,9 +417,15 @@ def hierarchical_plan(
     sums, alive, assignment = weighted_kmeans(points, cluster_weights, centroids, alive, iters)
     if k0 > num_slots:
         sums, alive = agglomerate(sums, alive, num_slots)
-        assignment = assign_nearest(points, F.normalize(sums, dim=-1, eps=1e-12), alive)
-    rank = alive.long().cumsum(dim=1) - 1  # slot of each live centroid, < num_slots
-    slot = torch.where(leftover, rank.gather(1, assignment), -1)
+        # At most num_slots clusters are left: pack them (in slot order) into num_slots rows, so the
+        # final assignment compares every point with num_slots centroids instead of k0, and its
+        # argmax is the slot itself (ties still go to the lowest slot).
+        order = torch.argsort((~alive).to(torch.uint8), dim=1, stable=True)[:, :num_slots]
+        centroids = F.normalize(_gather_rows(sums, order), dim=-1, eps=1e-12)
+        slot = torch.where(leftover, assign_nearest(points, centroids, alive.gather(1, order)), -1)
+    else:
+        rank = alive.long().cumsum(dim=1) - 1  # slot of each live centroid, < num_slots
+        slot = torch.where(leftover, rank.gather(1, assignment), -1)
     target = torch.where(slot >= 0, slot, num_slots)
     totals = _slot_totals(weights, slot, num_slots)
     normalized = weights / totals.gather(1, target).clamp_min(torch.finfo(weights.dtype).tiny)

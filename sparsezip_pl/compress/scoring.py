@@ -2,10 +2,10 @@
 
 All functions work on float32 tensors and are batched; several scoring layers are handled by
 folding the layer axis into the batch axis. Nothing here builds an L x L attention map: the CLS
-attention row is computed from the captured CLS query and keys in O(L) per head. The only
-quadratic object is the N x N patch-similarity matrix of the mutual-information proxy, which is
-N x N by definition; without autograd it is reduced block by block and never stored whole
-(:func:`mutual_information_proxy`).
+attention row is computed from the captured CLS query and keys in O(L) per head. The quadratic
+objects are N x N patch similarities: the mutual-information proxy's, which without autograd is
+reduced block by block and never stored whole (:func:`mutual_information_proxy`), and, only when
+that optional term is on, the diversity term's (:func:`max_min_diversity`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ def zscore(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     mean = x.mean(dim=dim, keepdim=True)
     std = x.std(dim=dim, keepdim=True, correction=0)
     return (x - mean) / (std + ZSCORE_EPS)
+
+
+def head_sum(keys: torch.Tensor) -> torch.Tensor:
+    """Sum over the heads of keys [M, h, N, d] -> [M, N, d].
+
+    One product of a row of ones with each image's [h, N * d] block: it reads the keys once at
+    memory speed, where a reduction over the (strided) head axis is several times slower on CPU.
+    """
+    m, heads, n, d = keys.shape
+    if heads == 1:
+        return keys[:, 0]
+    ones = keys.new_ones(1, 1, heads).expand(m, 1, heads)
+    return torch.bmm(ones, keys.reshape(m, heads, n * d)).view(m, n, d)
 
 
 def cls_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -121,7 +134,9 @@ def _similarity_entropy_symmetric(z: torch.Tensor, tau: float) -> torch.Tensor:
 
     Logits in base 2 shifted by the bound ``1 / tau`` of every entry (rows of norm <= 1):
     ``y = (x - 1) * log2(e) / tau`` lies in ``[-2 log2(e) / tau, 0]``, so ``2^y`` neither overflows
-    nor underflows for ``tau >= _FIXED_SHIFT_MIN_TAU``.
+    nor underflows for ``tau >= _FIXED_SHIFT_MIN_TAU``. Per block, ``2^y`` and ``2^y * y`` sit side
+    by side in one buffer, so one reduction per direction gives both sums (rows, and columns for
+    an off-diagonal block).
     """
     batch, n, _ = z.shape
     rows = _block_rows(batch, n, z.device)
@@ -129,27 +144,22 @@ def _similarity_entropy_symmetric(z: torch.Tensor, tau: float) -> torch.Tensor:
     alpha = _LOG2E / tau
     shift = z.new_full((), -alpha)
     z_t = z.transpose(1, 2)
-    total = z.new_zeros(batch, n)  # Z = sum_j e_j
-    dot = z.new_zeros(batch, n)  # sum_j e_j y_j
-    # Two flat buffers reused by every block (fresh large allocations cost page faults on CPU).
-    y_buf = z.new_empty(batch * rows * rows)
-    e_buf = torch.empty_like(y_buf)
+    sums = z.new_zeros(2, batch, n)  # Z = sum_j e_j and sum_j e_j y_j
+    # One buffer reused by every block (fresh large allocations cost page faults on CPU).
+    buffer = z.new_empty(2 * batch * rows * rows)
     for i, (r0, r1) in enumerate(bounds):
         for c0, c1 in bounds[i:]:
-            size = (batch, r1 - r0, c1 - c0)
-            numel = size[0] * size[1] * size[2]
-            y = torch.baddbmm(shift, z[:, r0:r1], z_t[:, :, c0:c1], alpha=alpha, out=y_buf[:numel].view(size))
+            size = (2, batch, r1 - r0, c1 - c0)
+            pair = buffer[: size[0] * size[1] * size[2] * size[3]].view(size)  # [e, e * y]
+            y = torch.baddbmm(shift, z[:, r0:r1], z_t[:, :, c0:c1], alpha=alpha, out=pair[1])
             diagonal = c0 == r0
             if diagonal:
                 y.diagonal(dim1=1, dim2=2).fill_(_MASKED_LOGIT)  # 2^y = 0 and 0 * y = 0 exactly
-            e = torch.exp2(y, out=e_buf[:numel].view(size))
-            total[:, r0:r1].add_(e.sum(dim=2))
+            y.mul_(torch.exp2(y, out=pair[0]))
+            sums[:, :, r0:r1] += pair.sum(dim=3)
             if not diagonal:
-                total[:, c0:c1].add_(e.sum(dim=1))
-            e.mul_(y)
-            dot[:, r0:r1].add_(e.sum(dim=2))
-            if not diagonal:
-                dot[:, c0:c1].add_(e.sum(dim=1))
+                sums[:, :, c0:c1] += pair.sum(dim=2)
+    total, dot = sums.unbind(0)
     return (total.log2() - dot / total) * _LN2
 
 
@@ -209,6 +219,48 @@ def text_relevance(
     return summed / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
+def max_min_diversity(
+    unit_keys: torch.Tensor, scores: torch.Tensor, tau: torch.Tensor, rank_tau: float
+) -> torch.Tensor:
+    """How unlike a patch is to every patch scored above it: [B, N], in [0, 2].
+
+    unit_keys [B, N, d] (unit or zero rows), scores [B, N] (only their order matters: pass them
+    detached), tau a positive scalar tensor. ``1 - m_i`` with ``m_i = sum_j pi_ij c_ij``, c the
+    cosine similarities and ``pi_i = softmax_j(c_ij / tau + log sigmoid((s_j - s_i) / rank_tau))``
+    over j != i: a soft maximum of patch i's similarity to the patches that outscore it. As both
+    temperatures go to 0 this is ``1 - max_{j: s_j > s_i} c_ij``, the distance to the nearest more
+    important patch (the max-min criterion). Materializes [B, N, N]: computed only when the term
+    is on.
+    """
+    batch, n, _ = unit_keys.shape
+    if n < 2:
+        return unit_keys.new_ones(batch, n)
+    sim = torch.bmm(unit_keys, unit_keys.transpose(1, 2))  # [B, N, N], c_ij
+    above = F.logsigmoid((scores.unsqueeze(1) - scores.unsqueeze(2)) / rank_tau)  # [b, i, j]: s_j above s_i
+    eye = torch.eye(n, dtype=torch.bool, device=unit_keys.device)
+    weights = torch.softmax((sim / tau + above).masked_fill(eye, float("-inf")), dim=-1)
+    return 1.0 - (weights * sim).sum(dim=-1)
+
+
+def instruction_relevance(
+    projected: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, tau: torch.Tensor
+) -> torch.Tensor:
+    """Relevance of each patch to the question in the LLM's input space: [B, N].
+
+    projected [B, N, D] the patches through the model's projector, text [B, T, D] the question's
+    token embeddings, text_mask [B, T] bool, tau a positive scalar tensor.
+    ``r_i = tau * log(mean_t exp(cos(p_i, e_t) / tau))`` over the valid tokens: about the mean
+    cosine for a large tau (CDPruner's relevance, before its sign flip and min-max scaling), the
+    best-matching token's cosine as tau goes to 0. Zeros for a question without valid tokens.
+    """
+    cos = torch.bmm(F.normalize(projected, dim=-1, eps=UNIT_EPS), F.normalize(text, dim=-1, eps=UNIT_EPS).transpose(1, 2))
+    # A finite fill (not -inf): a question without valid tokens keeps finite values and gradients.
+    logits = (cos / tau).masked_fill(~text_mask.unsqueeze(1), torch.finfo(cos.dtype).min)
+    count = text_mask.sum(dim=1, keepdim=True)  # [B, 1]
+    relevance = tau * (torch.logsumexp(logits, dim=-1) - count.clamp_min(1).to(cos.dtype).log())
+    return torch.where(count > 0, relevance, 0.0)
+
+
 class HybridScorer(nn.Module):
     """Hybrid, multi-layer, optionally text-aware patch scores.
 
@@ -216,11 +268,21 @@ class HybridScorer(nn.Module):
     ``alphas`` [3] (attention, entropy, mutual information), ``gate_logits`` [S] (layer fusion,
     used with S >= 2), and, when ``text_dim`` is given (used when ``cross_beta > 0``),
     ``text_proj`` (question embedding -> key space) and ``text_gate`` (scalar, starts at 0).
+    Registered only when their term is on (so checkpoints of other settings load unchanged):
+    ``diversity_gate`` and ``diversity_log_tau`` (``diversity_beta > 0``), ``instruction_gate``
+    and ``instruction_log_tau`` (``instruction_beta > 0``).
 
-    The text term is ``cross_beta * text_gate * zscore(relevance)``. Its gate starts at zero, so
-    an untuned text-aware compressor scores exactly like the text-blind one and tuning starts
-    from there instead of from a random projection's noise (the gate gets a gradient at zero; the
-    projection gets one as soon as the gate moves).
+    The optional terms, each z-scored over the patches and added to the fused score:
+
+    * text: ``cross_beta * text_gate * zscore(text_relevance)`` (key space, learned projection);
+    * instruction: ``instruction_beta * instruction_gate * zscore(instruction_relevance)``
+      (projector outputs against the question's embeddings, :func:`instruction_relevance`);
+    * diversity: ``diversity_beta * diversity_gate * zscore(max_min_diversity)`` against the
+      score of the other terms (:func:`max_min_diversity`, ranking by that score, detached).
+
+    Every gate starts at zero, so an untuned compressor with a term on scores exactly like one
+    without it, and tuning starts from there instead of from noise (a gate gets a gradient at zero;
+    the term's own parameters get one as soon as its gate moves).
     """
 
     def __init__(self, config: SparseZipOptions, head_dim: int, text_dim: int | None):
@@ -231,6 +293,12 @@ class HybridScorer(nn.Module):
         self.gate_logits = nn.Parameter(torch.zeros(len(config.layers)))
         self.text_proj = nn.Linear(text_dim, head_dim) if text_dim is not None else None
         self.text_gate = nn.Parameter(torch.zeros(())) if text_dim is not None else None
+        if config.diversity_beta > 0:
+            self.diversity_gate = nn.Parameter(torch.zeros(()))
+            self.diversity_log_tau = nn.Parameter(torch.tensor(math.log(config.diversity_tau)))
+        if config.instruction_beta > 0:
+            self.instruction_gate = nn.Parameter(torch.zeros(()))
+            self.instruction_log_tau = nn.Parameter(torch.tensor(math.log(config.instruction_tau)))
 
     def layer_weights(self) -> torch.Tensor:
         """softmax of the gate logits, [S] float32."""
@@ -242,12 +310,16 @@ class HybridScorer(nn.Module):
         keys: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+        project=None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score the patches.
 
         attention [S, B, h, N] the CLS row's attention to the patches per head (softmax over all
         tokens, CLS column dropped; or the family's substitute), keys [S, B, h, N, d] the patch
-        keys (any float dtype).
+        keys (any float dtype). text_embeds [B, T, D] / text_mask [B, T]: the question (text and
+        instruction terms); patches [B, N, C] and ``project`` (features -> LLM input space): the
+        instruction term.
         Returns ``scores`` [B, N] (float32, fused), ``attention`` [B, N] (gate-weighted CLS
         attention distribution over patches) and ``unit_keys`` [B, N, d] (the head-averaged
         patch keys of the first scoring layer, L2-normalized: what the merge clusters).
@@ -258,16 +330,17 @@ class HybridScorer(nn.Module):
 
         attn = attention.float().flatten(0, 1).mean(dim=-2)  # [S*B, N]
         attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(attn.dtype).tiny)
-        # Head-averaged patch keys; the hybrid terms need every layer's, the rest the first layer's.
-        mean_keys = (keys if cfg.hybrid_scoring else keys[:batch]).mean(dim=1)  # [S*B or B, N, d]
-        unit_keys = F.normalize(mean_keys, dim=-1, eps=UNIT_EPS)
+        # Head-summed patch keys (the head mean times h: the same unit keys); the hybrid terms need
+        # every layer's, the rest the first layer's.
+        key_sums = head_sum(keys if cfg.hybrid_scoring else keys[:batch])  # [S*B or B, N, d]
+        unit_keys = F.normalize(key_sums, dim=-1, eps=UNIT_EPS)
         if cfg.hybrid_scoring:
-            alphas = self.alphas.float()
-            layer_scores = (
-                alphas[0] * zscore(attn)
-                + alphas[1] * zscore(feature_entropy(unit_keys, cfg.tau_feat))
-                + alphas[2] * zscore(mutual_information_proxy(unit_keys, cfg.tau_sim))
-            )
+            terms = torch.stack([
+                attn,
+                feature_entropy(unit_keys, cfg.tau_feat),
+                mutual_information_proxy(unit_keys, cfg.tau_sim),
+            ])  # [3, S*B, N]
+            layer_scores = (self.alphas.float().view(3, 1, 1) * zscore(terms)).sum(dim=0)
         else:
             layer_scores = zscore(attn)
 
@@ -285,6 +358,18 @@ class HybridScorer(nn.Module):
             text_feats = F.linear(text_embeds.float(), proj.weight.float(), proj.bias.float())
             if text_mask is None:
                 text_mask = torch.ones(text_feats.shape[:2], dtype=torch.bool, device=text_feats.device)
-            relevance = text_relevance(text_feats, text_mask, mean_keys[:batch])
+            relevance = text_relevance(text_feats, text_mask, key_sums[:batch] / keys.shape[1])
             scores = scores + cfg.cross_beta * self.text_gate.float() * zscore(relevance)
+        if cfg.instruction_beta > 0:
+            if text_mask is None:
+                text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
+            with torch.no_grad():  # the projector is the model's (frozen): no gradient needed through it
+                projected = project(patches).float()
+            relevance = instruction_relevance(projected, text_embeds.float(), text_mask, self.instruction_log_tau.float().exp())
+            scores = scores + cfg.instruction_beta * self.instruction_gate.float() * zscore(relevance)
+        if cfg.diversity_beta > 0:
+            diversity = max_min_diversity(
+                unit_keys[:batch], scores.detach(), self.diversity_log_tau.float().exp(), cfg.select_tau
+            )
+            scores = scores + cfg.diversity_beta * self.diversity_gate.float() * zscore(diversity)
         return scores, attention, unit_keys[:batch]
