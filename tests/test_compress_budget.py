@@ -1,5 +1,6 @@
 """Dynamic K: the two rules, clamping, the differentiable threshold, the fixed budget."""
 
+import dataclasses
 import math
 
 import pytest
@@ -128,3 +129,25 @@ def test_fixed_budget_keeps_dominant_patches():
     assert comp.max_tokens == 8 + 5 and out.tokens.shape[1] == 13 and out.num_tokens.tolist() == [13, 13, 13]
     top = out.scores.topk(7, dim=1).indices.sort(dim=1).values
     assert torch.equal(out.kept_indices, top)
+
+
+@pytest.mark.parametrize("dynamic_k", [False, True])
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_budget_counts_a_cls_token_only_when_the_tower_has_one(dynamic_k, has_cls):
+    # A tower without CLS (SigLIP, Qwen's ViT) has no CLS slot, so the whole budget goes to patches
+    # and contextual tokens: a fixed K meets it exactly, a dynamic K never exceeds it.
+    from method_helpers import build, capture
+
+    cap = capture(batch=3, num_patches=64, has_cls=True)
+    if not has_cls:  # SparseZip merges on the keys; the family gives them without the CLS row
+        cap = capture(batch=3, num_patches=64, has_cls=False)
+        cap = dataclasses.replace(cap, keys=random_capture(batch=3, num_patches=64, hidden_dim=32, num_heads=4,
+                                                           head_dim=16, seed=0).keys[..., 1:, :])
+    method = build("sparsezip", budget=20, has_cls=has_cls, dynamic_k=dynamic_k).eval()
+    with torch.no_grad():
+        out = method(cap)
+    assert method.max_tokens == 20
+    if dynamic_k:
+        assert (out.num_tokens <= 20).all()
+    else:
+        assert out.num_tokens.tolist() == [20, 20, 20]

@@ -106,3 +106,15 @@ def test_generate_continues_from_the_original_positions(backend):
     contiguous = CompressedLlava(backend, SparseZipConfig(method="visionzip", dominant=12)).eval()
     with torch.no_grad():
         assert not torch.equal(contiguous.prepare_inputs(batch)[0].position_ids, spliced.position_ids)
+
+
+def test_contextual_position_uses_the_capture_grid_when_it_is_not_square():
+    # A 2x8 grid: patches 0 (row 0, col 0) and 15 (row 1, col 7), equal weights -> row 0.5, col 3.5,
+    # rounded to row 0 or 1 and col 3 or 4; with a wrong 1x16 layout the centroid would be index 7.5.
+    slot = torch.full((1, 16), -1)
+    weight = torch.zeros(1, 16)
+    slot[0, [0, 15]] = 0
+    weight[0, [0, 15]] = 1.0
+    plan = ContextualPlan(slot, weight, torch.tensor([[True]]), torch.tensor([1]))
+    position = contextual_positions(plan, 16, grid=(2, 8)).item()
+    assert divmod(position, 8)[1] in (3, 4) and position not in (7, 8)

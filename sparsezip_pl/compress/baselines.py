@@ -36,6 +36,7 @@ def compress_visionzip(
     dominant_patches: int,
     contextual_num: int,
     has_cls: bool = True,
+    grid: tuple[int, int] | None = None,
 ) -> CompressionOutput:
     """VisionZip (Yang et al., CVPR 2025) on one layer's capture.
 
@@ -62,7 +63,7 @@ def compress_visionzip(
     contextual = anchor_plan(metric, leftover, contextual_num)
     num_dominant = torch.full((batch,), k, dtype=torch.long, device=hidden.device)
     expected = (int(has_cls) + num_dominant + contextual.count).to(torch.float32)
-    return assemble_output(hidden, indices, num_dominant, contextual, score, expected, has_cls=has_cls)
+    return assemble_output(hidden, indices, num_dominant, contextual, score, expected, has_cls=has_cls, grid=grid)
 
 
 def cls_patch_attention(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class SparseZipCompressor(VisionMethod):
         if budget is not None:
             if geometry.num_patches is None and not float(budget).is_integer():
                 raise ValueError("sparsezip: a fractional budget needs a fixed patch count; give a token count")
-            config = _with_budget(config, resolve_budget(budget, geometry.num_patches or 0))
+            config = _with_budget(config, resolve_budget(budget, geometry.num_patches or 0), geometry.has_cls)
         _validate_config(config, geometry.num_heads, geometry.head_dim, geometry.text_dim)
         super().__init__(config, geometry, None)
         self.requested_budget = budget
@@ -195,7 +195,8 @@ class SparseZipCompressor(VisionMethod):
         attention, keys = patch_attention_and_keys(capture)
         if self.method == "visionzip":
             return compress_visionzip(
-                hidden, attention[0], keys[0], cfg.dominant - 1, cfg.merging.contextual_num, capture.has_cls
+                hidden, attention[0], keys[0], cfg.dominant - 1, cfg.merging.contextual_num,
+                capture.has_cls, capture.grid,
             )
         return self._sparsezip(hidden, attention, keys, text_embeds, text_mask, capture.has_cls, capture)
 
@@ -211,6 +212,7 @@ class SparseZipCompressor(VisionMethod):
     ) -> CompressionOutput:
         cfg, merging = self.config, self.config.merging
         n = attention.shape[-1]
+        grid = capture.grid if capture is not None else None
         patches, project = (capture.patches(), capture.project) if self.needs_projected else (None, None)
         scores, attention, unit_keys = self.scorer(attention, keys, text_embeds, text_mask, patches, project)
 
@@ -244,7 +246,7 @@ class SparseZipCompressor(VisionMethod):
         scale = 1.0 + (soft - soft.detach()) if self.training and torch.is_grad_enabled() else None
         expected = float(has_cls) + soft.sum(dim=1) + contextual.count.to(soft.dtype)
         return assemble_output(
-            hidden, selection.indices, selection.count, contextual, scores, expected, scale, has_cls=has_cls
+            hidden, selection.indices, selection.count, contextual, scores, expected, scale, has_cls=has_cls, grid=grid
         )
 
     # ----------------------------------------------------------------------------------- checks
@@ -340,12 +342,13 @@ def patch_attention_and_keys(capture: VisionCapture) -> tuple[torch.Tensor, torc
     return attention, keys[..., 1:, :] if capture.has_cls else keys
 
 
-def _with_budget(config: SparseZipOptions, tokens: int) -> SparseZipOptions:
+def _with_budget(config: SparseZipOptions, tokens: int, has_cls: bool = True) -> SparseZipOptions:
     """SparseZip's options for a budget of ``tokens`` visual tokens per image: a fixed K gives
-    exactly that many (``dominant`` = tokens - contextual, CLS included), a dynamic K at most that
-    many (``k_max`` = tokens - 1 - contextual, ``k_min`` not above it)."""
+    exactly that many (``dominant`` = tokens - contextual, the CLS token included when the tower
+    has one), a dynamic K at most that many (``k_max`` = tokens - CLS - contextual, ``k_min`` not
+    above it)."""
     contextual = config.merging.contextual_num
-    patches = tokens - 1 - contextual
+    patches = tokens - int(has_cls) - contextual
     if patches < 0:
         raise ValueError(f"budget of {tokens} tokens leaves no room for CLS and merging.contextual_num = {contextual}")
     if config.dynamic_k:

@@ -20,6 +20,7 @@ def assemble_output(
     expected_tokens: torch.Tensor,
     dominant_scale: torch.Tensor | None = None,
     has_cls: bool = True,
+    grid: tuple[int, int] | None = None,
 ) -> CompressionOutput:
     """Lay out ``[CLS, dominant slots, contextual slots]`` (no CLS slot when ``has_cls`` is False).
 
@@ -73,7 +74,7 @@ def assemble_output(
     tokens = tokens[:unused].view(batch, t_max, width).to(hidden.dtype)
 
     masks = [used, contextual.mask]
-    positions = [torch.where(used, safe, 0), contextual_positions(contextual, n)]
+    positions = [torch.where(used, safe, 0), contextual_positions(contextual, n, grid)]
     if has_cls:
         masks.insert(0, torch.ones(batch, 1, dtype=torch.bool, device=device))
         positions.insert(0, torch.zeros(batch, 1, dtype=torch.long, device=device))
@@ -90,15 +91,20 @@ def assemble_output(
     )
 
 
-def contextual_positions(contextual: ContextualPlan, num_patches: int) -> torch.Tensor:
+def contextual_positions(
+    contextual: ContextualPlan, num_patches: int, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """[B, C_ctx] long: for each contextual token, the patch nearest the centroid of its members
-    on the image's grid, weighted by the members' |weight| (row-major index; a grid that is not
-    square is treated as one row). Empty slots get 0."""
+    on the image's ``grid`` (rows, cols), weighted by the members' |weight| (row-major index;
+    without ``grid``, a square grid, or one row). Empty slots get 0."""
     batch, slots = contextual.mask.shape
     if slots == 0:
         return contextual.slot.new_zeros(batch, 0)
-    side = math.isqrt(num_patches)
-    width = side if side * side == num_patches else num_patches
+    if grid is not None and grid[0] * grid[1] == num_patches:
+        width = grid[1]
+    else:
+        side = math.isqrt(num_patches)
+        width = side if side * side == num_patches else num_patches
     index = torch.arange(num_patches, device=contextual.slot.device)
     coords = torch.stack([index // width, index % width], dim=-1).float()  # [N, 2] row, col
     in_context = contextual.slot >= 0

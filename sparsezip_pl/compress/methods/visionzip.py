@@ -80,4 +80,6 @@ class VisionZip(VisionMethod):
         dominant, contextual = self._split(capture.num_patches)
         attention, keys = patch_attention_and_keys(capture)
         patches = dominant - int(capture.has_cls)
-        return compress_visionzip(capture.hidden, attention[0], keys[0], patches, contextual, capture.has_cls)
+        return compress_visionzip(
+            capture.hidden, attention[0], keys[0], patches, contextual, capture.has_cls, capture.grid
+        )
