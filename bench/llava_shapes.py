@@ -9,8 +9,9 @@ Shapes:
   tokens reach the LLM (see :class:`FiveViewLlava`).
 * ``small``: the same tower, a LLaMA-style LLM scaled down to run on a small CPU (width 1024,
   8 layers, MLP 2816, vocabulary 32000: about 0.16 B parameters).
-* ``tiny``: the test suite's tiny LLaVA (4-layer tower of width 64, 2-layer LLM of width 64),
-  still 336 px / 14 px = 576 patches per view.
+* ``tiny``: the test suite's tiny LLaVA (4-layer tower of width 64, LLM of width 64), still
+  336 px / 14 px = 576 patches per view, with Vicuna-7B's 32 decoder layers, so that an LLM-side
+  method's budget (an average over the decoder's layers) maps to the same kept counts as on 7B.
 
 Weights are random: timings are meaningful, generated text is not.
 """
@@ -37,7 +38,7 @@ CLIP_L_336 = dict(
 def llava_spec(shape: str) -> TinyLlavaSpec:
     """The :class:`TinyLlavaSpec` of a named shape (``7b``, ``small`` or ``tiny``)."""
     if shape == "tiny":
-        return TinyLlavaSpec()
+        return TinyLlavaSpec(text_layers=32)
     common = dict(vocab_size=32000, initializer_range=0.02, vision_initializer_factor=1.0, seed=0, **CLIP_L_336)
     if shape == "7b":
         return TinyLlavaSpec(text_hidden_size=4096, text_intermediate_size=11008, text_layers=32, text_heads=32,

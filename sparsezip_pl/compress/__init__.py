@@ -10,13 +10,14 @@ a class registered with ``@register_method(name, config=...)`` in ``compress/met
 
 from .compressor import SparseZipCompressor
 from .config import Alphas, DynKConfig, MergingConfig, SparseZipConfig, SparseZipOptions
-from .method import LLMMethod, VisionMethod, resolve_budget
+from .method import BudgetOutOfReach, LLMMethod, VisionMethod, resolve_budget
 from .registry import MethodSpec, get_method, method_names, methods, register_method
 from .settings import CompressorConfig, CompressorSettings, build_method
 from .types import CompressionOutput, Geometry, VisionCapture
 
 __all__ = [
     "Alphas",
+    "BudgetOutOfReach",
     "CompressionOutput",
     "CompressorConfig",
     "CompressorSettings",

@@ -18,6 +18,11 @@ from torch import nn
 from .types import CompressionOutput, Geometry, VisionCapture
 
 
+class BudgetOutOfReach(ValueError):
+    """A budget the method cannot meet on this model with these options (an LLM-side method's
+    average over decoder layers below what its first pruning layer allows, for example)."""
+
+
 def resolve_budget(budget: int | float | None, num_patches: int) -> int | None:
     """Visual tokens per row for a ``budget``: an int is a count, a float in (0, 1) a fraction of
     the stock count ``num_patches`` (rounded, at least 1); None stays None (the method's default)."""

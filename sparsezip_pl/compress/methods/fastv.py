@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from ..method import LLMMethod, resolve_budget
+from ..method import BudgetOutOfReach, LLMMethod, resolve_budget
 from ..registry import register_method
 from ..types import Geometry
 
@@ -87,7 +87,7 @@ def kept_after(config: FastVConfig, budget: int | float | None, num_visual: int,
     kept = math.floor((num_layers * tokens - layer * num_visual) / (num_layers - layer) + 0.5)
     if kept < 1:
         least = (layer * num_visual + num_layers - layer) / num_layers
-        raise ValueError(
+        raise BudgetOutOfReach(
             f"fastv: an average of {tokens} visual tokens over the {num_layers} decoder layers is out of reach: "
             f"layers 0..{layer - 1} see all {num_visual}, so the least average (one token kept) is {least:.2f}; "
             "give a larger budget, a smaller fastv.layer, or fastv.budget_mode: kept")

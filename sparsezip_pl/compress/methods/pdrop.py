@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..method import LLMMethod, resolve_budget
+from ..method import BudgetOutOfReach, LLMMethod, resolve_budget
 from ..registry import register_method
 from ..types import Geometry
 
@@ -109,7 +109,7 @@ def fit_lambda(target: float, stages: list[int], num_visual: int, num_layers: in
                 best = (key, lam, counts)
     (gap, average), lam, counts = best
     if gap > 1 and average > target:
-        raise ValueError(
+        raise BudgetOutOfReach(
             f"pdrop: an average of {target} visual tokens over the {num_layers} decoder layers is out of reach with "
             f"stages {stages}: layers 0..{stages[0] - 1} see all {num_visual}, so the least average (one token "
             f"left) is {average:g}; give earlier stages (pdrop.layers) or a larger budget")
