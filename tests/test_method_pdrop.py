@@ -191,7 +191,7 @@ def test_a_cli_test_run_reports_the_visual_tokens_the_llm_saw(tmp_path):
         "model": {"backend": "hf", "model_path": str(cached_tiny_llava("hf", image_size=112)), "max_new_tokens": 2},
         "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
                     "logger": False, "default_root_dir": str(tmp_path / "run")},
-        "data": {"class_path": "sparsezip_pl.data.datamodules.EvalDataModule",
+        "data": {"class_path": "sparsezip_pl.lit.datamodules.EvalDataModule",
                  "init_args": {"mme_root": world["mme_root"], "pope_source": world["pope_root"],
                                "pope_image_dir": world["pope_image_folder"], "batch_size": 4}},
     }

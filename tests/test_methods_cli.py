@@ -29,7 +29,7 @@ def test_method_runs_through_the_cli_at_its_budget(method, tmp_path, world, tiny
         "trainer": {"accelerator": "cpu", "logger": False, "default_root_dir": str(tmp_path / "run"),
                     "enable_progress_bar": False, "enable_model_summary": False},
         "data": {
-            "class_path": "sparsezip_pl.data.datamodules.EvalDataModule",
+            "class_path": "sparsezip_pl.lit.datamodules.EvalDataModule",
             "init_args": {"mme_root": world["mme_root"], "pope_source": world["pope_root"],
                           "pope_image_dir": world["pope_image_folder"], "batch_size": 8},
         },

@@ -79,7 +79,7 @@ def write_cli_config(tmp_path: Path, family: str, model_path: str, mme_root: Pat
         },
         # The kept-token pictures draw LLaVA-1.5's single square view only.
         "pictures": {"num_images": 0},
-        "data": {"class_path": "sparsezip_pl.data.datamodules.MMEDataModule",
+        "data": {"class_path": "sparsezip_pl.lit.datamodules.MMEDataModule",
                  "init_args": {"root": str(mme_root), "batch_size": 4}},
     }
     path = tmp_path / f"{family}.yaml"
