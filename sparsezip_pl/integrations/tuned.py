@@ -501,8 +501,10 @@ def model_card(info: dict[str, Any]) -> str:
     method, budget = config["method"], config.get("budget")
     budget_text = "the method's default budget" if budget is None else (
         f"{budget} visual tokens per image" if isinstance(budget, int) else f"{budget:g} of the stock visual tokens")
-    hub_base = base["model_path"] if base.get("model_path") and not os.path.isabs(base["model_path"]) \
-        and base["model_path"].count("/") == 1 else None
+    from sparsezip_pl.models.loading import _looks_like_local_path
+
+    path = base.get("model_path")
+    hub_base = path if path and not os.path.exists(path) and not _looks_like_local_path(path) else None
     lines = ["---", "library_name: sparsezip_pl", "tags:", "- visual-token-compression", f"- {method}"]
     if hub_base:
         lines.append(f"base_model: {hub_base}")
