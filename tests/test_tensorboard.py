@@ -199,3 +199,15 @@ def test_progress_bar_and_summary_line(runs):
     assert f"pope/avg/f1 {results['test/pope/avg/f1']:.2f}" in summary
     assert "16.0 visual tokens per image" in summary and "| 0 skipped |" in summary
     assert summary.endswith(f"files: {folder / 'results.json'}, {folder / 'predictions'}/")
+
+
+def test_the_private_lightning_attributes_used_still_exist(tmp_path):
+    """SamplesProgressBar reads TQDMProgressBar's bar attributes, HParamsSummary sets
+    TensorBoardLogger's ``_default_hp_metric`` (its absence above shows it takes effect)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    bar = TQDMProgressBar()
+    for stage in ("train", "val", "test", "predict"):
+        assert getattr(bar, f"_{stage}_progress_bar", "missing") is None
+    assert TensorBoardLogger(str(tmp_path), default_hp_metric=True)._default_hp_metric is True

@@ -102,6 +102,12 @@ def test_export_writes_settings_weights_and_a_model_card(tuned, tiny_model):
     (evaluation,) = info["scores"]["evaluations"]
     results = json.loads((tuned["test_run"] / "results.json").read_text())
     assert evaluation["run"] == str(tuned["test_run"].resolve()) and evaluation["metrics"] == results
+    # the fit is one row of TensorBoard's HParams view, with its best validation score
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tuned["fit_run"]))
+    events.Reload()
+    assert f"best/{MONITOR}" in events.Tags()["scalars"] and any(p.suffix == ".hparams" for p in tuned["fit_run"].iterdir())
     card = (out / "README.md").read_text()
     for fact in (tiny_model, "| hf |", data["train"]["digest"], MONITOR, "test/pope/avg/f1",
                  f"{results['test/pope/avg/f1']:.4g}", "32 visual tokens per image"):

@@ -458,7 +458,8 @@ class SamplesProgressBar(TQDMProgressBar):
 
     def print(self, *args: Any, sep: str = " ", **kwargs: Any) -> None:
         """Through the active bar, or plainly when none is open (Lightning's prints nothing then)."""
-        bars = (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar, self._predict_progress_bar)
+        # TQDMProgressBar's private bar attributes (checked by tests/test_tensorboard.py)
+        bars = [getattr(self, f"_{stage}_progress_bar", None) for stage in ("train", "val", "test", "predict")]
         if any(bar is not None and not bar.disable for bar in bars):
             super().print(*args, sep=sep, **kwargs)
         else:
@@ -483,10 +484,17 @@ class SamplesProgressBar(TQDMProgressBar):
         if not trainer.sanity_checking:
             self._begin("val")
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Training's samples/s leaves out the time spent validating.
+        if "train" in self._running and "val" in self._running and trainer.state.fn == "fit":
+            self._running["train"]["start"] += time.monotonic() - self._running["val"]["start"]
+        super().on_validation_end(trainer, pl_module)
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not trainer.sanity_checking and self._val_progress_bar is not None:
+        bar = getattr(self, "_val_progress_bar", None)  # None outside a validation loop
+        if not trainer.sanity_checking and bar is not None:
             self._count("val", outputs, batch)
-            self._val_progress_bar.set_postfix(self._postfix("val"), refresh=False)
+            bar.set_postfix(self._postfix("val"), refresh=False)
         super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
     def on_test_start(self, trainer, pl_module) -> None:
