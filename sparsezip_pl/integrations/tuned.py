@@ -253,7 +253,7 @@ class TunedCompressor:
                 f"{where}; it does not fit this model ({model_path!r}): weight shapes differ ({listed}), so the "
                 "model has another hidden size or vision tower. A tuned compressor loads only onto the "
                 "architecture it was tuned on.")
-        if family is not None and base.get("family") not in (None, family):
+        if family is not None and base.get("family") is not None and _family(base["family"]) != _family(family):
             warnings.warn(f"{where}; loading it onto a model of family {family!r} ({model_path!r}): the shapes fit, "
                           "but the tuned weights may not carry over", BaseModelWarning, stacklevel=3)
         elif not same_model(base.get("model_path"), model_path):
@@ -280,6 +280,16 @@ def model_path_of(model: nn.Module) -> str | None:
     """The ``from_pretrained`` path of a loaded model (``config._name_or_path``), if known."""
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or None
+
+
+def _family(name: str) -> str:
+    """A family's registered name (aliases resolved; an unknown name as given)."""
+    from sparsezip_pl.models.families import get_family
+
+    try:
+        return get_family(name).family
+    except ValueError:
+        return name
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
