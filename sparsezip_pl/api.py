@@ -13,12 +13,14 @@ new ids only for llava). Nothing global is patched; ``unwrap(model)`` gives the 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from sparsezip_pl.compress import CompressorConfig, get_method
+from sparsezip_pl.integrations.tuned import TunedCompressor, TunedCompressorError, load_tuned_compressor, model_path_of
 from sparsezip_pl.models.compressed import CompressedLlava, CompressedLlavaOutput
 from sparsezip_pl.models.families import family_from_model
 
@@ -162,7 +164,7 @@ def sparsezip(
     dominant: int | None = None,
     contextual: int | None = None,
     config: Any = None,
-    compressor: nn.Module | None = None,
+    compressor: nn.Module | str | os.PathLike | None = None,
     budget: int | float | None = None,
     visual_positions: str | None = None,
     family_options: dict[str, Any] | None = None,
@@ -177,13 +179,38 @@ def sparsezip(
     ``more_config``: options of the method (nested ones as dicts), applied over ``config``;
     ``visual_positions``: ``contiguous`` (default) or ``original``; ``family_options``: options of
     the model's family (LLaVA-NeXT: ``{"compress_views": "together", "newlines": "all"}``).
+
+    ``compressor``: a ready method module, or a tuned compressor (a folder written by ``python -m
+    sparsezip_pl export``, or its hub id): its settings, weights and visual positions apply;
+    ``budget`` and the method's options may still be given over them, another ``method`` may
+    not. A model of another architecture than the one it was tuned on is an error, another
+    checkpoint of the same shapes a warning.
     """
     if isinstance(model, SparseZipModel):
         raise TypeError("the model is already wrapped; unwrap(model) first")
+    if isinstance(compressor, (str, os.PathLike, TunedCompressor)):
+        return _with_tuned(model, compressor, method, dominant, contextual, config, budget, visual_positions,
+                           family_options, more_config)
     if method is None and config is None:
         method = "sparsezip"
     built = build_config(config, method, dominant, contextual, budget, **more_config)
     return SparseZipModel(model, built, compressor, visual_positions, family_options)
+
+
+def _with_tuned(model, source, method, dominant, contextual, config, budget, visual_positions, family_options,
+                more_config):
+    """:func:`sparsezip` with a tuned compressor (see there)."""
+    tuned = load_tuned_compressor(source)
+    if config is not None:
+        raise TypeError("give either config= or a tuned compressor, not both")
+    if method is not None and method != tuned.config.method:
+        raise TunedCompressorError(f"method={method!r}, but the tuned compressor {tuned.source} is a "
+                                   f"{tuned.config.method!r} compressor")
+    built = build_config(tuned.config, None, dominant, contextual, budget, **more_config)
+    wrapped = SparseZipModel(model, built, None, visual_positions or tuned.visual_positions, family_options)
+    inner = wrapped.sparsezip
+    tuned.load_into(inner.compressor, inner.backend.num_patches, inner.backend.family, model_path_of(model))
+    return wrapped
 
 
 def unwrap(model: nn.Module) -> nn.Module:

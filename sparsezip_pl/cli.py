@@ -1,26 +1,31 @@
-"""``python -m sparsezip_pl fit|validate|test|predict --config configs/X.yaml`` (LightningCLI)."""
+"""``python -m sparsezip_pl fit|validate|test|predict --config configs/X.yaml`` (LightningCLI), and
+``python -m sparsezip_pl export --ckpt_path CKPT OUT/`` (a tuned compressor to share)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
 import lightning as L
 import torch
 from jsonargparse import lazy_instance, set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sparsezip_pl.lit.callbacks import (
+    HParamsSummary,
     KeptTokensPictures,
     PredictionWriter,
     ResultsTable,
     RunRecord,
+    SamplesProgressBar,
     TokenBudgetLogger,
     to_jsonable,
 )
@@ -29,7 +34,9 @@ from sparsezip_pl.lit.module import SparseZipModule
 
 class SparseZipCLI(LightningCLI):
     """LightningCLI with the project's callbacks always on, each configurable under its own key:
-    ``budget``, ``pictures``, ``predictions`` and ``results``.
+    ``budget``, ``pictures``, ``predictions``, ``results`` and ``hparams``; and the progress bar
+    :class:`~sparsezip_pl.lit.callbacks.SamplesProgressBar` (samples/s, running accuracy, visual
+    tokens) unless ``trainer.enable_progress_bar`` is false or another progress bar is given.
 
     ``fit --ckpt_path last`` resumes from the newest ``last*.ckpt`` of this experiment, whatever
     logger version wrote it (plain Lightning looks only in the new run's version folder, finds
@@ -50,6 +57,17 @@ class SparseZipCLI(LightningCLI):
         parser.add_lightning_class_args(KeptTokensPictures, "pictures")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(ResultsTable, "results")
+        parser.add_lightning_class_args(HParamsSummary, "hparams")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer = config.get("trainer") or {}
+        given = trainer.get("callbacks") or []
+        given = list(given) if isinstance(given, (list, tuple)) else [given]
+        wants_bar = kwargs.get("enable_progress_bar", trainer.get("enable_progress_bar")) is not False
+        if "callbacks" not in kwargs and wants_bar and not any(isinstance(c, ProgressBar) for c in given):
+            kwargs["callbacks"] = [*given, SamplesProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
         # Private LightningCLI hook, overridden on purpose: no public one runs before LightningCLI
@@ -165,10 +183,50 @@ def _stop_at_the_next_batch(signum, frame) -> None:
     signal.raise_signal(signal.SIGTERM)
 
 
-def main(args=None) -> SparseZipCLI:
-    """Run the CLI. A run stopped by SIGTERM or Ctrl-C exits with a non-zero status (143 or 130,
-    128 + the signal's number): Lightning ends it at a batch boundary with ``SystemExit()``, which
-    alone would exit 0, as if the run had finished."""
+def export_main(args: list[str] | None = None) -> Path:
+    """``python -m sparsezip_pl export --ckpt_path CKPT OUT/``: write the tuned compressor of a
+    training checkpoint as a small folder to share (settings, weights as safetensors, model card;
+    see :mod:`sparsezip_pl.integrations.tuned`). Returns the folder."""
+    from sparsezip_pl.integrations.tuned import TunedCompressorError, export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sparsezip_pl export",
+        description="Write the tuned compressor of a training checkpoint to a folder: compressor.json (the "
+                    "method settings, base model, data, scores), compressor.safetensors (its weights only) "
+                    "and README.md (a model card). Load it with sparsezip(model, compressor=OUT), "
+                    "--model.compressor_path OUT, or lmms-eval's --model_args compressor=OUT.")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `python -m sparsezip_pl fit`")
+    parser.add_argument("out", help="the folder to write (new or empty)")
+    parser.add_argument("--runs", action="append", default=None, metavar="FOLDER",
+                        help="where to look for finished test / validate runs of this checkpoint, whose scores go "
+                             "into the model card (repeatable; default: the logger folder above the checkpoint's "
+                             "run, e.g. runs/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the three files in a non-empty OUT")
+    options = parser.parse_args(args)
+    try:
+        out = export_checkpoint(options.ckpt_path, options.out, options.runs, options.overwrite)
+    except (TunedCompressorError, CheckpointError, FileNotFoundError) as error:
+        parser.exit(2, f"error: {error}\n")
+    info = json.loads((out / "compressor.json").read_text(encoding="utf-8"))
+    size = (out / "compressor.safetensors").stat().st_size
+    scores = len(info["scores"]["monitored"]) + len(info["scores"]["evaluations"])
+    print(f"Wrote {out}: {info['compressor']['method']} compressor (budget {info['compressor']['budget']}), "
+          f"{info['weights']['parameters']} parameters in compressor.safetensors ({size / 1024:.1f} KiB), "
+          f"tuned on {info['base_model']['model_path']}; {scores} score source(s) in README.md")
+    return out
+
+
+_EPILOG = ("Also: `python -m sparsezip_pl export --ckpt_path CKPT OUT/` writes the tuned compressor of a "
+           "checkpoint as a folder to share (see `python -m sparsezip_pl export --help`).")
+
+
+def main(args=None) -> SparseZipCLI | Path:
+    """Run the CLI (``export`` runs :func:`export_main`). A run stopped by SIGTERM or Ctrl-C exits
+    with a non-zero status (143 or 130, 128 + the signal's number): Lightning ends it at a batch
+    boundary with ``SystemExit()``, which alone would exit 0, as if the run had finished."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "export":
+        return export_main(list(argv[1:]))
     # The compressor's options are documented by attribute docstrings (config.py).
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -179,7 +237,9 @@ def main(args=None) -> SparseZipCLI:
             L.LightningDataModule,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
-            trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="sparsezip")},
+            trainer_defaults={"logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="sparsezip",
+                                                      default_hp_metric=False)},
+            parser_kwargs={"epilog": _EPILOG},
             # config.yaml goes into the run folder, which RunRecord has claimed for this project by then
             # (a resumed run rewrites its own).
             save_config_kwargs={"overwrite": True},

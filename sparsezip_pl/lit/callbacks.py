@@ -13,12 +13,15 @@ import hashlib
 import json
 import math
 import os
+import re
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -226,53 +229,297 @@ def draw_kept_tokens(pixel_values: torch.Tensor, kept_indices: torch.Tensor, clu
 
 
 class KeptTokensPictures(L.Callback):
-    """Logs pictures of the kept patches and contextual clusters of the first images of a run.
+    """Logs pictures of the kept patches and contextual clusters (:func:`draw_kept_tokens`) to
+    TensorBoard, per benchmark category: the first ``num_images`` images of each category of every
+    evaluation, tagged ``kept_tokens/STAGE/TASK/CATEGORY/I`` (``kept_tokens/test/mme/count/0``),
+    and during ``fit`` those of one batch every ``every_n_train_steps`` steps.
 
     Args:
-        num_images: pictures per logged batch.
+        num_images: pictures per category (per logged training batch).
         every_n_train_steps: during ``fit``, log pictures every this many steps.
     """
 
     def __init__(self, num_images: int = 4, every_n_train_steps: int = 100) -> None:
         self.num_images = num_images
         self.every_n_train_steps = every_n_train_steps
+        self._shown: dict[str, dict[str, int]] = defaultdict(dict)
 
-    def _log(self, trainer, outputs, batch, tag: str) -> None:
+    def _log(self, trainer, outputs, batch, stage: str) -> None:
         writer = _tensorboard(trainer)
         compression = outputs.get("compression") if isinstance(outputs, dict) else None
         if writer is None or compression is None or not trainer.is_global_zero or "pixel_values" not in batch:
             return
-        has_image = batch.get("has_image", torch.ones(len(batch["pixel_values"]), dtype=torch.bool))
-        shown = 0
-        for i in range(len(batch["pixel_values"])):
-            if shown >= self.num_images:
-                break
-            if not bool(has_image[i]):
+        pixel_values = batch["pixel_values"]
+        if not isinstance(pixel_values, torch.Tensor) or compression.kept_indices.shape[0] != len(pixel_values):
+            return  # several rows per sample (the views of a tiled image): no one picture per image
+        has_image = batch.get("has_image", torch.ones(len(pixel_values), dtype=torch.bool)).tolist()
+        meta = batch.get("meta") or [{}] * len(pixel_values)
+        shown = self._shown[stage]
+        for i, sample in enumerate(meta):
+            group = f"{sample.get('task') or 'data'}/{sample.get('category') or 'all'}"
+            count = shown.get(group, 0)
+            if count >= self.num_images or not has_image[i]:
                 continue
-            pixels, kept, clusters = batch["pixel_values"][i], compression.kept_indices[i], compression.cluster_map[i]
+            pixels, kept, clusters = pixel_values[i], compression.kept_indices[i], compression.cluster_map[i]
             if pixels.dim() == 4:
                 # A tiled image's views (LLaVA-NeXT), its maps view-major: draw the base view.
                 patches = clusters.shape[0] // pixels.shape[0]
                 pixels, kept, clusters = pixels[0], kept[(kept >= 0) & (kept < patches)], clusters[:patches]
-            picture = draw_kept_tokens(pixels, kept, clusters)
-            writer.add_image(f"{tag}/image_{shown}", picture, trainer.global_step)
-            shown += 1
+            try:
+                picture = draw_kept_tokens(pixels, kept, clusters)
+            except ValueError:
+                return  # a patch grid that is not square: nothing to draw for this method / family
+            writer.add_image(f"kept_tokens/{stage}/{group}/{count}", picture, trainer.global_step)
+            shown[group] = count + 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_train_steps == 0:
-            self._log(trainer, outputs, batch, "kept_tokens/train")
+            self._shown.pop("train", None)
+            self._log(trainer, outputs, batch, "train")
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._shown.pop("val", None)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._shown.pop("test", None)
+
+    def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self._shown.pop("predict", None)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0:
-            self._log(trainer, outputs, batch, "kept_tokens/val")
+        if not trainer.sanity_checking:
+            self._log(trainer, outputs, batch, "val")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0:
-            self._log(trainer, outputs, batch, "kept_tokens/test")
+        self._log(trainer, outputs, batch, "test")
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0:
-            self._log(trainer, outputs, batch, "kept_tokens/predict")
+        self._log(trainer, outputs, batch, "predict")
+
+
+def _hparam_value(value: Any) -> str | int | float | bool:
+    """A value TensorBoard's HParams view shows: numbers and booleans as they are, None as
+    ``"none"``, anything else as text."""
+    if isinstance(value, bool):
+        return str(value).lower()  # torch's hparams summary would store a bool as the number 0 / 1
+    if isinstance(value, (int, float, str)):
+        return value
+    if value is None:
+        return "none"
+    return json.dumps(value, default=to_jsonable) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
+    """The settings a comparison of runs needs: the method, its budget and options, the model,
+    the checkpoint and the data (from ``pl_module.identity()`` and the data module's identity);
+    for ``fit`` also the tuning settings (objective, budget target, learning rate, steps)."""
+    from sparsezip_pl.integrations.tuned import model_name
+
+    identity = pl_module.identity() if hasattr(pl_module, "identity") else {}
+    compressor = identity.get("compressor") or {}
+    method = compressor.get("method")
+    params: dict[str, Any] = {
+        "stage": stage,
+        "method": method,
+        "budget": compressor.get("budget") if compressor.get("budget") is not None else "default",
+        "family": identity.get("backend"),
+        "model": model_name(identity.get("model_path")),
+        "dtype": identity.get("dtype"),
+        "visual_positions": identity.get("visual_positions"),
+        "max_new_tokens": identity.get("max_new_tokens"),
+    }
+    section = compressor.get(method)
+    if isinstance(section, dict):
+        params.update({f"{method}.{key}": value for key, value in _flat(section).items()})
+    if identity.get("tuned_compressor"):
+        params["tuned_compressor"] = identity["tuned_compressor"]["source"]
+    if stage != "fit":
+        params["checkpoint"] = Path(trainer.ckpt_path).name if trainer.ckpt_path else "none"
+    datamodule = trainer.datamodule
+    if datamodule is not None:
+        names = [b.name for b in getattr(datamodule, "benchmarks", [])]
+        source = getattr(datamodule, "train_source", None)
+        params["data"] = ",".join(names) if names else (Path(str(source)).name if source else type(datamodule).__name__)
+    if stage == "fit":
+        hparams = getattr(pl_module, "hparams", {})
+        for key in ("objective", "budget_target", "budget_weight", "distill_weight"):
+            if key in hparams:
+                params[key] = hparams[key]
+        if trainer.optimizers:
+            params["lr"] = trainer.optimizers[0].param_groups[0].get("lr")
+        params["steps"] = trainer.global_step
+    return {key: _hparam_value(value) for key, value in params.items()}
+
+
+def _flat(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            flat.update(_flat(item, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = item
+    return flat
+
+
+class HParamsSummary(L.Callback):
+    """Records each run as one row of TensorBoard's HParams view: its method, budget and key
+    settings (:func:`run_hparams`) as hyperparameters, at the end of ``fit``, ``validate`` and
+    ``test``. The view takes each metric's last logged value in the run, so the final metrics
+    (``test/mme/...``, ``budget/test_tokens_mean``, ``val/...`` after tuning) sit beside the
+    settings; a monitored checkpoint's best value is logged as ``best/MONITOR`` at the end of ``fit``.
+
+    Only the session's settings are written (no per-run experiment definition), so TensorBoard
+    builds the table from every run under the log folder: runs of different methods, whose
+    options differ, still compare in one view. For the same reason the TensorBoard logger's
+    ``default_hp_metric`` (a placeholder ``hp_metric`` = -1 with Lightning's hyperparameters, which
+    would define the table by itself) is switched off for the run.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                # Private attribute of TensorBoardLogger (the constructor's default_hp_metric); read
+                # before Lightning logs the module's hyperparameters, after this hook
+                # (tests/test_tensorboard.py checks that no hp_metric reaches TensorBoard).
+                logger._default_hp_metric = False
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if not loggers:
+            return
+        from torch.utils.tensorboard.summary import hparams
+        from torch.utils.tensorboard.writer import FileWriter
+
+        params = run_hparams(trainer, pl_module, stage)
+        _, start, end = hparams(params, {})
+        for logger in loggers:
+            logger.experiment.flush()
+            writer = FileWriter(logger.log_dir, filename_suffix=".hparams")
+            writer.add_summary(start)
+            writer.add_summary(end)
+            writer.close()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        best = {f"best/{cb.monitor}": float(cb.best_model_score) for cb in trainer.checkpoint_callbacks
+                if getattr(cb, "monitor", None) and getattr(cb, "best_model_score", None) is not None}
+        if best and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(best, step=trainer.global_step)
+        self._write(trainer, pl_module, "fit")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._write(trainer, pl_module, "test")
+
+
+class SamplesProgressBar(TQDMProgressBar):
+    """Lightning's progress bar with what a person following a long run wants: samples per
+    second, and while answering benchmarks the running accuracy (answers that the benchmark's own
+    rule parses to the ground truth, over the answered samples; per process under DDP) and the
+    visual tokens per image so far. The project's CLI uses it unless the trainer's
+    ``enable_progress_bar`` is false or another progress bar is given."""
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+        super().__init__(refresh_rate, process_position, leave)
+        self._running: dict[str, dict[str, float]] = {}
+
+    def _begin(self, stage: str) -> None:
+        self._running[stage] = {"start": time.monotonic(), "samples": 0, "scored": 0, "correct": 0,
+                                "images": 0, "tokens": 0}
+
+    def _count(self, stage: str, outputs: Any, batch: Any) -> None:
+        running = self._running.get(stage)
+        if running is None:
+            self._begin(stage)
+            running = self._running[stage]
+        records = outputs.get("records") if isinstance(outputs, dict) else None
+        if records is not None:
+            running["samples"] += len(records)
+            for record in records:
+                if record.get("answer") is not None and record.get("parsed") is not None:
+                    running["scored"] += 1
+                    running["correct"] += str(record["parsed"]).lower() == str(record["answer"]).lower()
+                if record.get("visual_tokens") is not None:
+                    running["images"] += 1
+                    running["tokens"] += record["visual_tokens"]
+        elif isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+            running["samples"] += len(batch["input_ids"])
+
+    def _postfix(self, stage: str) -> dict[str, str]:
+        running = self._running.get(stage)
+        if not running:
+            return {}
+        elapsed = max(time.monotonic() - running["start"], 1e-9)
+        postfix = {"samples/s": f"{running['samples'] / elapsed:.2f}"}
+        if running["scored"]:
+            postfix["acc"] = f"{100.0 * running['correct'] / running['scored']:.1f}%"
+        if running["images"]:
+            postfix["tokens/img"] = f"{running['tokens'] / running['images']:.1f}"
+        return postfix
+
+    def print(self, *args: Any, sep: str = " ", **kwargs: Any) -> None:
+        """Through the active bar, or plainly when none is open (Lightning's prints nothing then)."""
+        # TQDMProgressBar's private bar attributes (checked by tests/test_tensorboard.py)
+        bars = [getattr(self, f"_{stage}_progress_bar", None) for stage in ("train", "val", "test", "predict")]
+        if any(bar is not None and not bar.disable for bar in bars):
+            super().print(*args, sep=sep, **kwargs)
+        else:
+            print(*args, sep=sep, **kwargs)
+
+    def get_metrics(self, trainer, pl_module) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if trainer.training and "train" in self._running:
+            metrics.update(self._postfix("train"))
+        return metrics
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._begin("train")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._count("train", outputs, batch)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        super().on_validation_start(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._begin("val")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Training's samples/s leaves out the time spent validating.
+        if "train" in self._running and "val" in self._running and trainer.state.fn == "fit":
+            self._running["train"]["start"] += time.monotonic() - self._running["val"]["start"]
+        super().on_validation_end(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        bar = getattr(self, "_val_progress_bar", None)  # None outside a validation loop
+        if not trainer.sanity_checking and bar is not None:
+            self._count("val", outputs, batch)
+            bar.set_postfix(self._postfix("val"), refresh=False)
+        super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        super().on_test_start(trainer, pl_module)
+        self._begin("test")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("test", outputs, batch)
+        self.test_progress_bar.set_postfix(self._postfix("test"), refresh=False)
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        super().on_predict_start(trainer, pl_module)
+        self._begin("predict")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._count("predict", outputs, batch)
+        self.predict_progress_bar.set_postfix(self._postfix("predict"), refresh=False)
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
 
 def checkpoint_identity(path: str | None) -> dict[str, Any] | None:
@@ -660,6 +907,44 @@ def skip_report(trainer: L.Trainer, gather: bool = True) -> dict[str, dict[str, 
     return {reason: {"count": len(items), "first": first.get(reason, "")} for reason, items in sorted(merged.items())}
 
 
+_HEADLINE = re.compile(r"^[^/]+/[^/]+/((perception_total|cognition_total|total)(_\d+of\d+)?|avg(_\d+of\d+)?/(accuracy|f1))$")
+_NOT_A_SCORE = re.compile(r"(num_samples|incomplete_pairs|_undefined)$")
+
+
+def headline_metrics(results: dict[str, float]) -> dict[str, float]:
+    """The figures a person looks at first: MME's totals and POPE's average accuracy and F1
+    (``test/mme/perception_total``, ``test/pope/avg/f1`` ...); for another benchmark, its first
+    two scores."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(results):
+        parts = key.split("/")
+        if len(parts) >= 3 and parts[0] in ("val", "test") and not _NOT_A_SCORE.search(key):
+            groups["/".join(parts[:2])].append(key)
+    shown: dict[str, float] = {}
+    for keys in groups.values():
+        picked = [k for k in keys if _HEADLINE.match(k)] or keys[:2]
+        shown.update({k: results[k] for k in picked})
+    return shown
+
+
+def summary_line(stage: str, results: dict[str, float], identity: dict[str, Any], files: list[str]) -> str:
+    """One line at the end of a run: the method, the headline metrics, the visual tokens per
+    image, the skipped samples and where the files went."""
+    compressor = identity.get("compressor") or {}
+    budget = compressor.get("budget")
+    parts = [f"{stage} done: {compressor.get('method', 'model')}" + ("" if budget is None else f" (budget {budget})")]
+    headline = headline_metrics(results)
+    if headline:
+        parts.append(", ".join(f"{key.split('/', 1)[1]} {value:.2f}" for key, value in headline.items()))
+    if "budget/tokens_mean" in results:
+        ratio = results.get("budget/compression_ratio")
+        parts.append(f"{results['budget/tokens_mean']:.1f} visual tokens per image"
+                     + ("" if ratio is None else f" ({100 * ratio:.1f}% of stock)"))
+    parts.append(f"{int(results.get('skipped/total', 0))} skipped")
+    parts.append("files: " + ", ".join(files))
+    return " | ".join(parts)
+
+
 class ResultsTable(L.Callback):
     """At the end of ``validate``, ``test`` and ``predict``, prints the figures and saves them as
     ``results.json`` (``results-validate.json``, ``results-predict.json``) in the run folder and as
@@ -667,7 +952,8 @@ class ResultsTable(L.Callback):
     the token budget of the answered samples (:func:`budget_summary`, ``budget/...``) and the
     skipped samples (``skipped/REASON``, ``skipped/total``: set-up skips plus every process's lazy
     ones). A POPE average or MME total over fewer splits or subtasks than the benchmark has is
-    named for what it covers (``avg_2of3``, ``perception_total_4of10``)."""
+    named for what it covers (``avg_2of3``, ``perception_total_4of10``). A last line sums the run
+    up (:func:`summary_line`: method, headline metrics, visual tokens per image, skips, files)."""
 
     def __init__(self) -> None:
         self._records = _RecordCounts()
@@ -701,7 +987,15 @@ class ResultsTable(L.Callback):
         _atomic_write(folder / name, json.dumps(results, indent=2, sort_keys=True))
         RunFolder(folder).own_files([name])
         table = "| metric | value |\n|---|---|\n" + "".join(f"| {k} | {v:.2f} |\n" for k, v in sorted(results.items()))
-        pl_module.print(table)
+        # Plain print (process 0 only, checked above): at the end of a stage Lightning's progress bar
+        # is closed, and LightningModule.print through a closed bar prints nothing.
+        print(table, flush=True)
+        files = [str(folder / name)]
+        writer_callback = next((c for c in trainer.callbacks if isinstance(c, PredictionWriter) and c._folder), None)
+        if writer_callback is not None:
+            files.append(f"{writer_callback._folder.path}{os.sep}")
+        identity = pl_module.identity() if hasattr(pl_module, "identity") else {}
+        print(summary_line(stage, results, identity, files), flush=True)
         writer = _tensorboard(trainer)
         if writer is not None:
             writer.add_text(f"results/{stage}", table, trainer.global_step)

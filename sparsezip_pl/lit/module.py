@@ -108,6 +108,10 @@ class SparseZipModule(L.LightningModule):
         optimizer: optimizer factory applied to the compressor's parameters only.
         family_options: options of the model family's loader, e.g. LLaVA-NeXT's
             ``{compress_views: per_view | together, newlines: occupied | all | none}``.
+        compressor_path: a tuned compressor to start from (a folder written by ``python -m
+            sparsezip_pl export``, or its hub id): its settings and visual positions apply and
+            its weights load into the compressor. ``compressor`` settings that differ from both
+            the defaults and the tuned ones are an error.
     """
 
     def __init__(
@@ -125,11 +129,24 @@ class SparseZipModule(L.LightningModule):
         max_new_tokens: int = 8,
         optimizer: OptimizerFactory = _default_optimizer,
         family_options: dict[str, Any] | None = None,
+        compressor_path: str | None = None,
     ) -> None:
         super().__init__()
         from sparsezip_pl.models.families import get_family, vision_patch_count
 
         self.save_hyperparameters(ignore=["optimizer"])
+        self.tuned = None
+        if compressor_path is not None:
+            from sparsezip_pl.integrations.tuned import load_tuned_compressor
+
+            self.tuned = load_tuned_compressor(compressor_path)
+            compressor = self.tuned.merged_config(compressor)
+            # What the run really uses (a checkpoint of it, exported, describes the tuned method).
+            self.hparams["compressor"] = dataclasses.asdict(compressor)
+            tuned_positions = self.tuned.visual_positions
+            if tuned_positions and tuned_positions != visual_positions:
+                rank_zero_warn(f"{compressor_path} was tuned with visual_positions={tuned_positions!r}; this run "
+                               f"uses {visual_positions!r} (set model.visual_positions to change it)")
         compressor = CompressorConfig.coerce(compressor)
         if compressor.visual_positions is not None:
             warnings.warn("model.compressor.visual_positions is deprecated: use model.visual_positions",
@@ -170,6 +187,9 @@ class SparseZipModule(L.LightningModule):
             self.backend = load_backend(hparams.backend, hparams.model_path, dtype=hparams.dtype, device=device,
                                         **(hparams.family_options or {}))
             self.model = CompressedLlava(self.backend, self.compressor_config, visual_positions=self.visual_positions)
+            if self.tuned is not None:
+                self.tuned.load_into(self.model.compressor, self.backend.num_patches, hparams.backend,
+                                     str(hparams.model_path))
         self._hand_collate_to_datamodule()
 
     def identity(self) -> dict[str, Any]:
@@ -189,6 +209,7 @@ class SparseZipModule(L.LightningModule):
             "visual_positions": self.visual_positions,
             "max_new_tokens": hparams.max_new_tokens,
             "prompt": {"answer_suffix": ANSWER_SUFFIX, "decoding": "greedy"},
+            **({"tuned_compressor": self.tuned.identity()} if self.tuned is not None else {}),
         }
 
     def resume_from(self, records: dict[str, dict[str, Any]]) -> None:
