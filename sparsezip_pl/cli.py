@@ -93,17 +93,26 @@ class SparseZipCLI(LightningCLI):
                 rank_zero_info(f"Using {found}")
                 config["ckpt_path"] = str(found)
 
+    def _announce_checkpoint(self) -> None:
+        """Tell the module which checkpoint this evaluation reads, so that the run's record (written
+        at set-up, before Lightning sets ``trainer.ckpt_path``) names it and its sha256."""
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        self.model.evaluated_checkpoint = str(path) if path and Path(path).is_file() else None
+
     def before_fit(self) -> None:
         self._resolve_last()
 
     def before_validate(self) -> None:
         self._resolve_last()
+        self._announce_checkpoint()
 
     def before_test(self) -> None:
         self._resolve_last()
+        self._announce_checkpoint()
 
     def before_predict(self) -> None:
         self._resolve_last()
+        self._announce_checkpoint()
 
 
 _IDENTITY = ("backend", "model_path", "dtype", "compressor", "visual_positions")

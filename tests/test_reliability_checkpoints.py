@@ -1,6 +1,7 @@
 """Checkpoints: a corrupt one is named, ``--ckpt_path last`` steps over an unreadable one with a
 warning, and a resumed fit neither continues on other data nor ignores a changed learning rate."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from sparsezip_pl.cli import CheckpointError, main
+from sparsezip_pl.lit.run_folder import RunFolderError
 from sparsezip_pl.data.synthetic import generate_world
 from sparsezip_pl.models.tiny import cached_tiny_llava
 
@@ -111,3 +113,17 @@ def test_a_changed_learning_rate_is_applied_on_resume(tmp_path, trained, world, 
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.001
     saved = torch.load(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=True)
     assert saved["optimizer_states"][0]["param_groups"][0]["lr"] == 0.001
+
+
+def test_the_run_record_names_the_evaluated_checkpoint_and_refuses_another(tmp_path, trained, world, tiny_model):
+    folder = tmp_path / "answers"
+    first, second = trained / "ckpt" / "epoch=0-step=1.ckpt", trained / "ckpt" / "epoch=0-step=2.ckpt"
+    config = _eval_config(tmp_path, "eval", tiny_model, world)
+    main(["test", "--config", config, "--ckpt_path", str(first), "--predictions.output_dir", str(folder)])
+    record = json.loads((folder / "sparsezip_run.json").read_text())
+    checkpoint = record["identity"]["checkpoint"]
+    assert checkpoint["path"] == str(first.resolve())
+    assert checkpoint["sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    # Answers of one checkpoint are never continued with another's.
+    with pytest.raises(RunFolderError, match="checkpoint"):
+        main(["test", "--config", config, "--ckpt_path", str(second), "--predictions.output_dir", str(folder)])

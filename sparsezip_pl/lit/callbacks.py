@@ -334,7 +334,8 @@ def run_hparams(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) ->
     if identity.get("tuned_compressor"):
         params["tuned_compressor"] = identity["tuned_compressor"]["source"]
     if stage != "fit":
-        params["checkpoint"] = Path(trainer.ckpt_path).name if trainer.ckpt_path else "none"
+        checkpoint = evaluated_checkpoint(trainer, pl_module)
+        params["checkpoint"] = Path(checkpoint).name if checkpoint else "none"
     datamodule = trainer.datamodule
     if datamodule is not None:
         names = [b.name for b in getattr(datamodule, "benchmarks", [])]
@@ -533,6 +534,12 @@ def checkpoint_identity(path: str | None) -> dict[str, Any] | None:
     return {"path": os.path.abspath(path), "sha256": digest.hexdigest()}
 
 
+def evaluated_checkpoint(trainer: L.Trainer, pl_module: L.LightningModule) -> str | None:
+    """The checkpoint a run evaluates: ``trainer.ckpt_path`` once Lightning has set it, before that
+    what the CLI announced on the module (``pl_module.evaluated_checkpoint``)."""
+    return trainer.ckpt_path or getattr(pl_module, "evaluated_checkpoint", None)
+
+
 def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, Any]:
     """What a run computes: the model and method (``pl_module.identity()``, which needs no weights),
     the data (``datamodule.identity()``) and, when evaluating, the checkpoint. Two runs with the
@@ -542,7 +549,7 @@ def run_identity(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -
     if datamodule is not None and hasattr(datamodule, "identity"):
         identity["data"] = datamodule.identity()
     if stage != "fit":
-        identity["checkpoint"] = checkpoint_identity(trainer.ckpt_path)
+        identity["checkpoint"] = checkpoint_identity(evaluated_checkpoint(trainer, pl_module))
     return json.loads(json.dumps(identity, sort_keys=True, default=to_jsonable))
 
 

@@ -155,6 +155,9 @@ class SparseZipModule(L.LightningModule):
                 visual_positions = compressor.visual_positions
         self.compressor_config = compressor
         self.visual_positions = visual_positions
+        # The checkpoint a validate / test / predict run evaluates, set by the CLI before the run:
+        # Lightning sets ``trainer.ckpt_path`` only after the set-up hooks that record a run's identity.
+        self.evaluated_checkpoint: str | None = None
         if objective not in ("lm", "distill", "mix"):
             raise ValueError(f"objective must be 'lm', 'distill' or 'mix', got {objective!r}")
         if budget_target is not None and budget_target <= 0:
