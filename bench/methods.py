@@ -301,7 +301,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "**These figures are informational**: the tiny model (a 2-layer LLaMA on a 4-layer CLIP, trained on "
         "synthetic scenes) has no targets, so few questions and its training distribution decide the scores, and "
         "the CPU timings of a model this small are dominated by fixed costs. Run the same command with a 7B "
-        "checkpoint (`--model-path`, `--config`) for figures to compare with the papers.\n\n"
+        "checkpoint (`--model-path`, `--config`) for figures to compare with the papers. Its LLM has 2 layers: "
+        "FastV's default K = 2 does not exist there and no LLM-side average over the layers comes near these "
+        "budgets (those rows say why); the `fastv:layer=1,budget_mode=kept` row prunes after layer 1 and keeps "
+        "the budget's count there. SparseZip's default dynamic K treats the budget as a ceiling (its `dynk.scale` "
+        "is not calibrated to it: `python -m sparsezip_pl.calibrate`); `sparsezip:dynamic_k=false` spends "
+        "exactly the budget.\n\n"
         + table + "\n"
     )
     out = REPO / args.out
