@@ -185,6 +185,12 @@ def sparsezip(
     ``budget`` and the method's options may still be given over them, another ``method`` may
     not. A model of another architecture than the one it was tuned on is an error, another
     checkpoint of the same shapes a warning.
+
+    Text-aware methods (CDPruner, SparseZip's ``cross_beta`` / ``instruction_beta`` terms) read
+    the question from the prompt. Here the prompt is the user's ``input_ids``, whose question span
+    is unknown, so they read every text token of it (system prompt and role words included); the
+    CLI and the lmms-eval model render the prompt themselves and read the question alone. Their
+    selections can therefore differ slightly from the CLI's on the same image and question.
     """
     if isinstance(model, SparseZipModel):
         raise TypeError("the model is already wrapped; unwrap(model) first")

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from data_fixtures import write_pope_files
@@ -95,6 +96,46 @@ def test_too_long_prompt_is_refused_not_cut(module):
     assert isinstance(skipping, SkippingCollate)
     alone = SkipCountingDataLoader([long], batch_size=1, skip_ledger=ledger, collate_fn=SkipAwareCollate(skipping))
     assert list(alone) == []
+
+
+
+# The bound of the check on tiled and variable-size families: the most visual tokens an image can
+# send, over every tiling. Images at each pinpoint resolution (no letterbox) reach it exactly when
+# every map row keeps its newline (``newlines: all``); the stock count bounds method ``none``.
+TILED = [
+    ("llava-next", {"newlines": "all"}, {"method": "visionzip", "budget": 10}),
+    ("llava-next", {"newlines": "all", "compress_views": "together"}, {"method": "visionzip", "budget": 10}),
+    ("llava-next", {"newlines": "all"}, {"method": "pool", "budget": 0.5}),
+    ("llava-onevision", {"newlines": "all"}, {"method": "pool", "budget": 0.5}),  # more than the stock's shrunk map
+    ("llava-onevision", {"newlines": "all", "view_mode": "view"}, {"method": "visionzip", "budget": 10,
+                                                                  "visionzip": {"layer": -1}}),
+    ("qwen2.5-vl", {}, {"method": "visionzip", "budget": 10, "visionzip": {"layer": -1}}),
+    ("llava-next", {"newlines": "all"}, {"method": "none"}),
+    ("llava-onevision", {}, {"method": "none"}),
+]
+
+
+@pytest.mark.parametrize(("family", "options", "compressor"), TILED,
+                         ids=[f"{f}-{'-'.join(o.values()) or 'default'}-{c['method']}" for f, o, c in TILED])
+def test_check_bounds_every_tiling_of_tiled_families(family, options, compressor):
+    from vl_family_helpers import samples_of
+
+    from sparsezip_pl.models.tiny import cached_tiny_llava_next
+
+    path = cached_tiny_llava_next(family, image_size=56) if "next" in family else cached_tiny_llava(family)
+    module = SparseZipModule(backend=family, model_path=str(path), compressor=compressor, family_options=options,
+                             max_new_tokens=3)
+    module.configure_model()
+    backend = module.backend
+    sizes = getattr(backend, "pinpoints_hw", None) or getattr(backend, "pinpoints", None) or [(150, 60), (80, 120)]
+    batch = module.collate_fn("generate")(samples_of([tuple(size) for size in sizes]))
+    with torch.no_grad():
+        sent = int(module.model(batch).visual_mask.sum(1).max())
+    limit = module.context_limit("generate")
+    if compressor["method"] == "none":
+        assert sent <= limit.visual_tokens == backend.max_stock_tokens
+    else:
+        assert sent == limit.visual_tokens, (sent, limit)
 
 
 def _pope_with_a_long_question(tmp_path: Path) -> tuple[Path, Path]:

@@ -183,9 +183,7 @@ class SparseZipLMM(lmms):
         positions = llm_context_length(self.family.model, self.family.tokenizer)
         if positions is None:
             return None
-        compressor = self.model.compressor
-        visual = (compressor.output_length(self.family.num_patches) if hasattr(compressor, "output_length")
-                  else self.family.max_stock_tokens)
+        visual = self.family.max_visual_tokens(self.model.compressor)
         if self.model.visual_positions == "original":
             visual = max(visual, self.family.max_stock_tokens)
         return ContextLimit(positions, visual, max_new_tokens)

@@ -255,14 +255,14 @@ class SparseZipModule(L.LightningModule):
 
     def context_limit(self, mode: str) -> ContextLimit | None:
         """The length check for ``mode`` batches, with the most visual tokens an image can take:
-        the compressor's ``T_max``, or all N patches where the distillation teacher runs or where
-        tokens keep their original positions (the text after the image then starts N later)."""
+        the family's bound under the compressor (``max_visual_tokens``), or the stock count where
+        the distillation teacher runs or where tokens keep their original positions (the text
+        after the image then starts that much later)."""
         positions = llm_context_length(self.backend.model, self.backend.tokenizer)
         if positions is None:
             return None
         patches = self.backend.max_stock_tokens
-        compressor = self.model.compressor
-        visual = compressor.output_length(self.backend.num_patches) if hasattr(compressor, "output_length") else patches
+        visual = self.backend.max_visual_tokens(self.model.compressor)
         if (mode == "train" and self.objective != "lm") or self.visual_positions == "original":
             visual = max(visual, patches)
         new_tokens = self.hparams.max_new_tokens if mode == "generate" else 0

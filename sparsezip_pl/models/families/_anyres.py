@@ -49,6 +49,7 @@ from sparsezip_pl.models.anyres import (
 )
 from sparsezip_pl.models.batching import ImagePreprocessor
 from sparsezip_pl.models.capture import encode_with_capture
+from sparsezip_pl.models.families.base import is_stock
 
 
 class AnyresFamily:
@@ -103,6 +104,24 @@ class AnyresFamily:
     @property
     def max_stock_tokens(self) -> int:
         return max_stock_tokens(self.pinpoints_hw, self.tower_image_size, self.side)
+
+    def max_visual_tokens(self, method) -> int:
+        """The most visual tokens an image can send the LLM under ``method``: over the pinpoint
+        resolutions, the method's output for the views' rows (``per_view``: one row per view;
+        ``together``: one row of all patches) plus at most one newline per crop-map row."""
+        output_length = getattr(method, "output_length", None)
+        if output_length is None or is_stock(method):
+            return self.max_stock_tokens
+        side, size, bound = self.side, self.tower_image_size, 0
+        for height, width in self.pinpoints_hw:
+            crop_rows, crop_cols = height // size, width // size
+            rows, cols = crop_rows * side, crop_cols * side
+            if self.compress_views == "per_view":
+                tokens = (1 + crop_rows * crop_cols) * output_length(side * side)
+            else:
+                tokens = output_length(side * side + rows * cols)
+            bound = max(bound, tokens + rows)
+        return bound
 
     def stock_tokens(self, size: tuple[int, int]) -> int:
         """The visual tokens the stock model gives an image of (height, width)."""

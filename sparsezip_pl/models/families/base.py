@@ -290,6 +290,16 @@ class ModelFamily:
         N for a single-view family; tiled families (many views per image) override it."""
         return self.num_patches
 
+    def max_visual_tokens(self, method) -> int:
+        """The most visual tokens one image can send the LLM under ``method`` (the prompt-length
+        check's bound): the method's output for a row of ``num_patches`` on a family with one row
+        per image; the stock count for ``none`` and for an LLM-side method (it prunes inside the
+        decoder, after the prompt is laid out). Tiled families override it."""
+        output_length = getattr(method, "output_length", None)
+        if output_length is None or is_stock(method):
+            return self.max_stock_tokens
+        return output_length(self.num_patches)
+
     def decoder_layers(self) -> nn.ModuleList:
         """The LLM's decoder layers (the LLM-side hook point)."""
         return self.model.get_decoder().layers
@@ -379,3 +389,9 @@ class ModelFamily:
 
 #: The name of earlier versions.
 LlavaBackend = ModelFamily
+
+
+def is_stock(method) -> bool:
+    """Whether ``method`` is the stock path (method ``none``): the legacy ``Compressor`` names its
+    method in ``method``, the registered method modules in ``method_name``."""
+    return getattr(method, "method", getattr(method, "method_name", None)) == "none"

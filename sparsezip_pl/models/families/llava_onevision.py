@@ -68,7 +68,7 @@ from sparsezip_pl.models.families._vl_common import (
     received_attention,
     single_image_runs,
 )
-from sparsezip_pl.models.families.base import BatchMode, ModelFamily, register_family
+from sparsezip_pl.models.families.base import BatchMode, ModelFamily, is_stock, register_family
 from sparsezip_pl.models.loading import freeze, is_offline, resolve_pretrained, torch_dtype
 from sparsezip_pl.models.splice import left_pack
 
@@ -284,6 +284,22 @@ class LlavaOnevisionFamily(ModelFamily):
         """The base view, the largest unshrunk map (1.1^2 x max_num views) and a newline per row."""
         most_rows = max(h // self.image_size for h, _ in self.pinpoints) * self.side
         return self.side ** 2 + int(1.21 * self.max_num * self.side ** 2) + most_rows
+
+    def max_visual_tokens(self, method) -> int:
+        """The most visual tokens an image can send the LLM under ``method``: over the pinpoint
+        grids, the method's output for the image's rows (``image``: one row of all views' patches;
+        ``view``: one row per view) plus at most one newline per map row. Not capped by the stock
+        count: the stock shrinks large maps, a compressed image is not shrunk."""
+        output_length = getattr(method, "output_length", None)
+        if output_length is None or is_stock(method):
+            return self.max_stock_tokens
+        p2, bound = self.num_patches, 0
+        for height, width in self.pinpoints:
+            crops = (height // self.image_size) * (width // self.image_size)
+            rows = (height // self.image_size) * self.side
+            tokens = output_length((1 + crops) * p2) if self.view_mode == "image" else (1 + crops) * output_length(p2)
+            bound = max(bound, tokens + rows)
+        return bound
 
     # ----------------------------------------------------------- the vision side
     def _geometry(self, size) -> ImageGeometry:
