@@ -16,7 +16,9 @@ their time includes projecting every patch.
 Rows:
 
 * one per vision-side method of the registry (``compress.registry.methods()`` at run time), all
-  at the same ``--budget`` (64 visual tokens by default; ``none`` keeps all 576);
+  at the same ``--budget`` (64 visual tokens by default; ``none`` keeps all 576), and the
+  projector alone on all 576 patches: the share of DivPrune's and CDPruner's rows that the stock
+  model spends anyway;
 * SparseZip's ablations and settings (the legacy flat config);
 * with ``--vs-seed PATH``: the seed prototype (``VisionZipCompressor`` of the file at PATH,
   imported, never copied) and SparseZip with the seed's dynamic-K rule (``dynk.rule: seed``,
@@ -411,6 +413,11 @@ def main() -> None:
                 print(f"registry method {name!r} skipped: {type(error).__name__}: {error}")
                 continue
             add(f"{name}" + ("" if budget is None else f" @ {budget}"), module, capture, "registry")
+        # DivPrune and CDPruner rank projector outputs, so their rows include projecting all 576
+        # patches (which the stock model does anyway): this row is that share of them.
+        hidden = capture_for(1).hidden
+        rows[f"(the projector alone, all {NUM_PATCHES} patches)"] = {
+            "fn": lambda: projector(hidden[:, 1:]), "kind": "registry", "reference": True}
     if not args.no_ablations:
         for name, config in ablations().items():
             module = SparseZipCompressor(config, HEADS, HEAD_DIM, check_inputs=False).to(device).eval()
@@ -452,6 +459,9 @@ def main() -> None:
                 cpu_ms=statistics.median(cpu) * 1e3 / args.batch,
                 peak_mb=peak_bytes(row["fn"], device) / 2**20,
             )
+            if row.get("reference"):  # not a method: no tokens kept or merged
+                row["tokens"], row["k"] = float(NUM_PATCHES), "-"
+                continue
             if isinstance(out, tuple):  # the seed: (tokens, indices) with zero padding, no mask
                 tokens, indices = out
                 row["tokens"] = float((tokens.abs().sum(-1) > 0).sum(1).float().mean())
