@@ -405,3 +405,58 @@ def test_api_family_options_and_input_checks(family):
         wrong = dict(inputs, image_sizes=torch.tensor([[130, 50]]))
         with pytest.raises(ValueError, match="stock number"):
             wrapped.generate(**wrong, max_new_tokens=2)
+
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("llava-next", "bfloat16"), ("llava-next", "float16"),
+                                             ("llava-next-original", "float16")])
+def test_method_none_equals_the_stock_model_in_half_precision(name, dtype, monkeypatch):
+    """Loaded in half precision the way the stock loaders load (transformers: ``from_pretrained``
+    in the dtype; the original code: its ``load_pretrained_model``, float16 only), method
+    ``none`` gives exactly the stock model's logits and greedy tokens for differently tiled images."""
+    from types import SimpleNamespace
+
+    path = cached_tiny_llava_next(name, image_size=56)
+    family = load_family(name, path, dtype=dtype)
+    assert family.dtype == getattr(torch, dtype)
+    if name == "llava-next":
+        stock = SimpleNamespace(family=name, model=transformers_model(path, dtype))
+    else:
+        from llava.model.builder import load_pretrained_model
+
+        monkeypatch.chdir(path)  # the stock loader resolves a relative mm_vision_tower from here
+        stock = SimpleNamespace(family=name, model=load_pretrained_model(str(path), None, "llava-tiny", device="cpu")[1])
+    assert stock.model is not family.model
+
+    def stock_inputs(samples, positions=False):
+        inputs = _stock_inputs(family, samples)
+        # The stock evaluation scripts pass the images in the model's dtype.
+        if name == "llava-next":
+            inputs["pixel_values"] = inputs["pixel_values"].to(family.dtype)
+            if positions:  # left padding: the positions generate() gives (a bare forward counts the pads)
+                inputs["position_ids"] = (inputs["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        else:
+            inputs["images"] = [image.to(family.dtype) for image in inputs["images"]]
+        return inputs
+
+    model = CompressedLlava(family, CompressorConfig(method="none"))
+    # transformers' model batches left-padded; the original code's evaluation runs one image at a
+    # time (its batches are right-padded, and half-precision kernels round padded rows differently).
+    batches = [SAMPLES[:3]] if name == "llava-next" else [[sample] for sample in SAMPLES[:3]]
+    for samples in batches:
+        batch = family.batch_builder("generate")(samples)
+        with torch.no_grad():
+            ours = model(batch)
+        reference, reference_mask = _stock_forward(stock, stock_inputs(samples, positions=True))
+        assert ours.logits.dtype == reference.dtype == getattr(torch, dtype)
+        for got, want in zip(_real_logits(ours.logits, ours.attention_mask), _real_logits(reference, reference_mask)):
+            assert torch.equal(got, want)
+        generated, _ = model.generate(batch, max_new_tokens=6)
+        for row, sample in enumerate(samples):
+            assert torch.equal(generated[row], _stock_generate(stock, stock_inputs([sample]), 6)[0])
+
+
+def transformers_model(path, dtype):
+    from transformers import LlavaNextForConditionalGeneration
+
+    return LlavaNextForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
