@@ -136,10 +136,7 @@ def test_budgets_reach_the_llm_with_the_newlines_of_the_policy(family, newlines)
             out = compressed(batch)
         comp = out.compression
         kept = [budget * v for v in views] if view_mode == "view" else [budget, budget]
-        if view_mode == "view":
-            assert comp.num_tokens.tolist() == [budget] * sum(views)
-        else:
-            assert comp.num_tokens.tolist() == kept
+        assert comp.num_tokens.tolist() == kept  # per sample (view rows gathered: patch v * 16 + i)
         # Newlines: every map row, or the rows a kept crop token stands in.
         if newlines == "all":
             extra = list(rows)
@@ -147,16 +144,9 @@ def test_budgets_reach_the_llm_with_the_newlines_of_the_policy(family, newlines)
             extra = [0, 0]
         else:
             extra = []
-            first_row = 0
-            for image, (v, crop_cols) in enumerate(zip(views, (2, 2))):
-                if view_mode == "view":
-                    row_positions = comp.positions[first_row:first_row + v][comp.mask[first_row:first_row + v]]
-                    view = torch.arange(v).repeat_interleave(budget)
-                    cells = row_positions
-                    first_row += v
-                else:
-                    cells = comp.positions[image][comp.mask[image]]
-                    view, cells = cells // 16, cells % 16
+            for image, crop_cols in enumerate((2, 2)):
+                cells = comp.positions[image][comp.mask[image]]
+                view, cells = cells // 16, cells % 16
                 crop = view[view > 0] - 1
                 map_rows = (crop // crop_cols) * 4 + cells[view > 0] // 4
                 extra.append(len(set(map_rows.tolist())))
@@ -167,6 +157,30 @@ def test_budgets_reach_the_llm_with_the_newlines_of_the_policy(family, newlines)
             first = visual.min()
             crop_part = visual[(visual - first) >= 16]
             assert (crop_part[1:] >= crop_part[:-1]).all()  # a merged token may share its centroid patch
+
+
+
+@pytest.mark.parametrize("view_mode", ["image", "view"])
+def test_compression_is_reported_per_sample(family, view_mode):
+    """What records, budgets and the budget penalty read: one row per sample in both row layouts
+    (``view``: the method's counts summed over the image's views), a text-only sample empty."""
+    samples = samples_of(EXACT_SIZES + [(60, 60)])
+    samples[1] = dict(samples[1], image=None)
+    batch = family.batch_builder("generate")(samples)
+    model = CompressedLlava(with_options(family, view_mode=view_mode, newlines="all"), VISIONZIP)
+    with torch.no_grad():
+        compression = model(batch).compression
+    views, map_rows = [3, 0, 5], [4, 0, 8]  # 1x2 crops; no image; 2x2 crops
+    rows_of = [v if view_mode == "view" else int(v > 0) for v in views]  # compression rows per sample
+    # VisionZip at 4 per row: 3 dominant + 1 contextual; newlines: one per map row (all).
+    assert compression.num_dominant.tolist() == [3 * r for r in rows_of]
+    assert compression.num_contextual.tolist() == rows_of
+    assert compression.expected_tokens.tolist() == [4.0 * r for r in rows_of]
+    assert compression.visual_tokens.tolist() == [4 * r + m for r, m in zip(rows_of, map_rows)]
+    assert compression.kept_indices.shape[0] == compression.cluster_map.shape[0] == 3
+    if view_mode == "view":  # patch v * N + i of view v
+        kept = compression.kept_indices[0]
+        assert set((kept[kept >= 0] // family.num_patches).tolist()) == {0, 1, 2}
 
 
 def test_generation_with_the_cache_after_compression(family, batch):

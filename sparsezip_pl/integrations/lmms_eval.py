@@ -228,23 +228,22 @@ class SparseZipLMM(lmms):
             texts = self.family.decode(generated)
             lengths = self._generated_lengths(generated)
             generated_tokens += sum(lengths)
-            visual = compression.num_tokens.cpu()
-            if len(visual) == len(samples):
-                inputs = (batch["attention_mask"].sum(1) - batch["has_image"].long() + visual).tolist()
-                visual = visual.tolist()
-            else:  # several compressed rows per sample (a tiled family): no per-sample count to report
-                inputs = visual = [None] * len(samples)
-            for text, task, n_visual, n_input, n_output, has_image in zip(
-                    texts, tasks, visual, inputs, lengths, batch["has_image"].tolist(), strict=True):
+            # Per sample (a tiled family's views summed): the visual tokens the LLM worked on (an
+            # LLM-side method's: the mean over its layers), those its input held, the stock count.
+            visual = compression.visual_tokens.cpu().tolist()
+            entering = compression.num_tokens if compression.input_tokens is None else compression.input_tokens
+            inputs = (batch["attention_mask"].sum(1) - batch["has_image"].long() + entering.cpu()).tolist()
+            stock = compression.stock_tokens.cpu().tolist()
+            for text, task, n_visual, n_input, n_stock, n_output, has_image in zip(
+                    texts, tasks, visual, inputs, stock, lengths, batch["has_image"].tolist(), strict=True):
                 for stop in until:
                     if stop:
                         text = text.split(stop)[0]
-                counts = TokenCounts(input_tokens=None if n_input is None else int(n_input), output_tokens=int(n_output))
-                results.append(GenerationResult(text, counts))
-                if has_image and n_visual is not None:
+                results.append(GenerationResult(text, TokenCounts(input_tokens=int(n_input), output_tokens=int(n_output))))
+                if has_image:
                     totals[task]["images"] += 1
                     totals[task]["visual_tokens"] += n_visual
-                    totals[task]["stock_visual_tokens"] += compression.num_patches
+                    totals[task]["stock_visual_tokens"] += n_stock
         elapsed = time.perf_counter() - started
         self._report(totals, elapsed, generated_tokens)
         return collator.get_original(results)

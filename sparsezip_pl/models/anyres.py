@@ -415,3 +415,41 @@ def _merge(outputs: list[CompressionOutput], rows: torch.Tensor, patches: int) -
     return CompressionOutput(**{name: merged(name) for name in (
         "tokens", "mask", "kept_indices", "num_dominant", "num_contextual", "cluster_map", "scores",
         "expected_tokens", "positions")})
+
+
+def views_per_sample(compression: CompressionOutput, sample: torch.Tensor, view: torch.Tensor, batch_size: int,
+                     views: int, tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                     positions: torch.Tensor | None = None) -> CompressionOutput:
+    """A compression with one row per view as one row per sample (``sample`` / ``view`` [R]: each
+    row's sample and its view's index in the image; ``views`` the most views of an image): the
+    method's counts (``num_dominant``, ``num_contextual``, ``expected_tokens``) summed over the
+    views; ``kept_indices``, ``cluster_map`` and ``scores`` per view, view-major (patch ``v * N + i``
+    of view ``v``; cluster ids made distinct across views); ``tokens``, ``mask`` and ``positions``
+    as the family gives them for each sample, by default the views' rows one after another (a
+    token's position ``v * N + i``)."""
+
+    def summed(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(batch_size).index_add(0, sample, values)
+
+    def per_view(values: torch.Tensor, fill) -> torch.Tensor:
+        out = values.new_full((batch_size, views, *values.shape[1:]), fill)
+        out[sample, view] = values
+        return out.flatten(1, 2)
+
+    n = compression.cluster_map.shape[1]
+    kept, clusters = compression.kept_indices, compression.cluster_map
+    width = compression.tokens.shape[1]
+    if tokens is None:
+        tokens, mask = per_view(compression.tokens, 0), per_view(compression.mask, False)
+        positions = per_view(torch.where(compression.mask, compression.positions + view[:, None] * n, -1), -1)
+    return CompressionOutput(
+        tokens=tokens,
+        mask=mask,
+        kept_indices=per_view(torch.where(kept >= 0, kept + view[:, None] * n, -1), -1),
+        num_dominant=summed(compression.num_dominant),
+        num_contextual=summed(compression.num_contextual),
+        cluster_map=per_view(torch.where(clusters >= 0, clusters + view[:, None] * width, -1), -1),
+        scores=per_view(compression.scores, 0),
+        expected_tokens=summed(compression.expected_tokens),
+        positions=positions,
+    )

@@ -46,6 +46,7 @@ from sparsezip_pl.models.anyres import (
     compress_by_length,
     max_stock_tokens,
     max_views,
+    views_per_sample,
 )
 from sparsezip_pl.models.batching import ImagePreprocessor
 from sparsezip_pl.models.capture import encode_with_capture
@@ -234,34 +235,10 @@ class AnyresFamily:
         tokens = assembly.gather(compression.tokens, None)
         if layout.mode == "together":
             return dataclasses.replace(compression, tokens=tokens, mask=assembly.mask, positions=assembly.offsets)
-        device = compression.mask.device
-        rows = layout.rows(device)
-        batch, views = layout.batch_size, getattr(layout, "pixel_views", max(layout.views))
-        sample, view = rows["sample"], rows["view"]
-
-        def summed(values: torch.Tensor) -> torch.Tensor:
-            return values.new_zeros(batch).index_add(0, sample, values)
-
-        def per_view(values: torch.Tensor, fill) -> torch.Tensor:
-            out = values.new_full((batch, views, *values.shape[1:]), fill)
-            out[sample, view] = values
-            return out.flatten(1, 2)
-
-        n = compression.cluster_map.shape[1]
-        kept = compression.kept_indices
-        clusters = compression.cluster_map
-        width = compression.tokens.shape[1]
-        return CompressionOutput(
-            tokens=tokens,
-            mask=assembly.mask,
-            kept_indices=per_view(torch.where(kept >= 0, kept + view[:, None] * n, -1), -1),
-            num_dominant=summed(compression.num_dominant),
-            num_contextual=summed(compression.num_contextual),
-            cluster_map=per_view(torch.where(clusters >= 0, clusters + view[:, None] * width, -1), -1),
-            scores=per_view(compression.scores, 0),
-            expected_tokens=summed(compression.expected_tokens),
-            positions=assembly.offsets,
-        )
+        rows = layout.rows(compression.mask.device)
+        views = getattr(layout, "pixel_views", max(layout.views))
+        return views_per_sample(compression, rows["sample"], rows["view"], layout.batch_size, views,
+                                tokens, assembly.mask, assembly.offsets)
 
     # ------------------------------------------------------------ stock inputs
     stock_input_names = ("image_sizes",)

@@ -18,8 +18,8 @@ layouts (``view_mode``):
   different lengths: the method runs once per distinct length (:meth:`compress_rows`).
 * ``view``: one row per view (N = p^2, ``sample_index`` names each row's sample), the budget is
   tokens per view, the convention of the published LLaVA-NeXT code of VisionZip, VisPruner and
-  CDPruner (a 64-token budget over 5 views sends 320 tokens). Per-sample figures of the Lightning
-  module (the ``visual_tokens`` of prediction records) count compression rows, i.e. views here.
+  CDPruner (a 64-token budget over 5 views sends 320 tokens). Per-sample figures (records,
+  budgets, the budget penalty) sum the views of each image (:meth:`sample_compression`).
 
 Reassembly (:meth:`visual_inputs`): an image whose tokens are all its patches, in order (method
 ``none``) is laid out exactly as the stock does (unpad, shrink, newlines; ``pack_image_features``).
@@ -42,6 +42,7 @@ supported.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import torch
 from torch import nn
 
 from sparsezip_pl.compress.types import CompressionOutput, VisionCapture
+from sparsezip_pl.models.anyres import views_per_sample
 from sparsezip_pl.models.batching import ChatTemplateFormat, Tokenization
 from sparsezip_pl.models.capture import find_vision_encoder, num_layers_to_run, scoring_layer_position
 from sparsezip_pl.models.families._vl_common import (
@@ -406,6 +408,21 @@ class LlavaOnevisionFamily(ModelFamily):
                                                            layout.image_sample, layout.batch_size))
 
     # ------------------------------------------------------------ reassembly
+    def sample_compression(self, compression: CompressionOutput, layout: Any = None) -> CompressionOutput:
+        """One row per sample. ``image`` rows already are (a text-only sample's row is empty);
+        ``view`` rows are gathered per sample (:func:`~sparsezip_pl.models.anyres.views_per_sample`):
+        the method's counts summed over the image's views, its maps view-major, its tokens the
+        views' rows one after another."""
+        if not isinstance(layout, OneVisionLayout) or layout.mode != "view":
+            return compression
+        device = compression.mask.device
+        views = [g.views for g in layout.images]
+        row_image = torch.tensor(layout.row_image, dtype=torch.long, device=device)
+        first_row = torch.tensor([0, *itertools.accumulate(views)][:-1], dtype=torch.long, device=device)
+        sample = torch.tensor(layout.image_sample, dtype=torch.long, device=device)[row_image]
+        view = torch.arange(len(row_image), device=device) - first_row[row_image]
+        return views_per_sample(compression, sample, view, layout.batch_size, max(views, default=1))
+
     def visual_inputs(self, compression: CompressionOutput, layout: Any = None):
         """Each sample's visual sequence [B, V, D] (projected tokens and newlines), its mask, each
         token's offset in the stock sequence and the stock token count [B] (see the module docstring)."""
