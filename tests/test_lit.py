@@ -301,3 +301,22 @@ def test_misspelled_config_key_fails_with_a_clear_message(tmp_path, capsys):
         main(["test", "--config", "configs/llava15_7b_hf_mme.yaml", "--config", str(bad), "--print_config"])
     assert exit_info.value.code != 0
     assert "k_maxx" in capsys.readouterr().err
+
+
+def test_budget_penalty_counts_images_only(tiny_model):
+    """The budget is per image: a text-only sample in a training batch (which LLaVA-1.5 still runs
+    through the compressor, on a blank image) changes neither the penalty nor the logged mean."""
+    from sparsezip_pl.models.tiny import synthetic_samples
+
+    module = SparseZipModule(model_path=tiny_model, compressor=COMPRESSOR_CONFIG, objective="lm", budget_target=4.0)
+    module.configure_model()
+    samples = synthetic_samples(3)
+    samples[1] = dict(samples[1], image=None)
+    builder = module.collate_fn("train")
+    _, mixed, compression = module._tuning_loss(builder(samples))
+    assert compression.expected_tokens[1] > 0  # the blank image's expectation, left out below
+    images = compression.expected_tokens[[0, 2]].mean()
+    torch.testing.assert_close(mixed["expected_tokens"], images)
+    torch.testing.assert_close(mixed["budget_penalty"], ((images - 4.0) / 4.0) ** 2)
+    _, text_only, _ = module._tuning_loss(builder([samples[1]]))
+    assert text_only["budget_penalty"] == 0

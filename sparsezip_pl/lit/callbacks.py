@@ -132,14 +132,17 @@ class TokenBudgetLogger(L.Callback):
         compression = outputs.get("compression") if isinstance(outputs, dict) else None
         if compression is None:
             return
-        self._tokens.append(compression.visual_tokens.detach().cpu())
-        self._dominant.append(compression.num_dominant.detach().cpu())
+        tokens = compression.visual_tokens.detach().cpu()
         stock = compression.stock_tokens
-        self._stock.append(stock.detach().cpu() if stock is not None else torch.full_like(self._tokens[-1], compression.num_patches))
+        stock = stock.detach().cpu() if stock is not None else torch.full_like(tokens, compression.num_patches)
+        images = stock > 0  # per image: text-only samples are not counted
+        self._tokens.append(tokens[images])
+        self._dominant.append(compression.num_dominant.detach().cpu()[images])
+        self._stock.append(stock[images])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._collect_training(outputs)
-        if self._tokens and (trainer.global_step % self.train_log_every_n_steps == 0):
+        if self._tokens and self._tokens[-1].numel() and (trainer.global_step % self.train_log_every_n_steps == 0):
             stats = budget_summary(self._tokens[-1], self._dominant[-1], self._stock[-1], self._llm_parameters(pl_module))
             pl_module.log_dict({f"budget/train_{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         self._tokens.clear()

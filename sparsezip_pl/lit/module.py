@@ -278,7 +278,8 @@ class SparseZipModule(L.LightningModule):
         """The tuning loss of a batch, its logged parts, and the compression.
 
         Every term is normalized over the global batch (all processes): token losses by the
-        global number of answer tokens, the budget penalty on the global mean of expected tokens.
+        global number of answer tokens, the budget penalty on the global mean of expected tokens
+        per image (text-only samples left out).
         The returned loss is scaled by the world size, so DDP's gradient average equals the
         gradient of the same global batch in one process; the logged values are the global ones.
         """
@@ -293,9 +294,15 @@ class SparseZipModule(L.LightningModule):
                 teacher = self.model(batch, method="none")
             weight = self.hparams.distill_weight if self.objective == "mix" else 1.0
             terms.append(("distill", weight, *self._distillation(out, teacher)))
-        expected = out.compression.expected_tokens.float()
+        # The budget is per image: text-only samples (which a family may still run through the
+        # compressor on a blank image) take no part in it.
+        compression = out.compression
+        expected = compression.expected_tokens.float()
+        images = expected.new_ones(expected.shape) if compression.stock_tokens is None \
+            else (compression.stock_tokens > 0).to(expected.dtype)
+        expected = expected * images
         local = torch.stack([t[2].detach() for t in terms] + [t[3] for t in terms]
-                            + [expected.sum().detach(), expected.new_tensor(float(expected.numel()))])
+                            + [expected.sum().detach(), images.sum()])
         totals = self._all_sum(local)
         n = len(terms)
         logs: dict[str, torch.Tensor] = {}
@@ -304,13 +311,13 @@ class SparseZipModule(L.LightningModule):
             count = totals[n + i].clamp(min=1.0)
             logs[name] = totals[i] / count
             loss = loss + weight * world * total / count
-        # The global mean of expected tokens, differentiable through this process's images.
-        mean_expected = (expected.sum() - local[-2] + totals[-2]) / totals[-1]
+        # The global mean of expected tokens per image, differentiable through this process's images.
+        mean_expected = (expected.sum() - local[-2] + totals[-2]) / totals[-1].clamp(min=1.0)
         logs["expected_tokens"] = mean_expected.detach()
         reported = sum(weight * logs[name] for name, weight, _, _ in terms)
         if self.hparams.budget_target is not None:
             target = float(self.hparams.budget_target)
-            penalty = ((mean_expected - target) / target) ** 2
+            penalty = ((mean_expected - target) / target) ** 2 * (totals[-1] > 0)  # none without images
             logs["budget_penalty"] = penalty.detach()
             loss = loss + self.hparams.budget_weight * world * penalty
             reported = reported + self.hparams.budget_weight * penalty.detach()
@@ -373,7 +380,8 @@ class SparseZipModule(L.LightningModule):
         tokens = compression.visual_tokens.tolist()  # an LLM-side method's: the mean over decoder layers
         dominant = compression.num_dominant.tolist()
         stock = compression.stock_tokens.tolist()
-        for meta, text, n_tokens, n_dominant, n_stock in zip(batch["meta"], texts, tokens, dominant, stock):
+        for meta, text, n_tokens, n_dominant, n_stock in zip(batch["meta"], texts, tokens, dominant, stock,
+                                                             strict=True):  # one row per sample, never cut
             parser = get_benchmark(meta["task"]).parse
             records.append(
                 {
