@@ -107,12 +107,13 @@ class SparseZipModel(nn.Module):
         return self.sparsezip.backend.family
 
     def _batch(self, input_ids, inputs, images, pixel_values, attention_mask, kwargs: dict[str, Any]):
-        """The family's batch from the stock inputs (popping the family's extra inputs from ``kwargs``)."""
+        """The family's batch from the stock inputs (popping the family's extra inputs and
+        ``question_mask`` from ``kwargs``)."""
         family = self.sparsezip.backend
         input_ids = input_ids if input_ids is not None else inputs
         if input_ids is None:
             raise ValueError("input_ids are required")
-        extra = {name: kwargs.pop(name) for name in family.stock_input_names if name in kwargs}
+        extra = {name: kwargs.pop(name) for name in (*family.stock_input_names, "question_mask") if name in kwargs}
         pixels = pixel_values if pixel_values is not None else images
         return input_ids, family.batch_from_stock_inputs(input_ids, attention_mask, pixels, **extra)
 
@@ -128,7 +129,8 @@ class SparseZipModel(nn.Module):
     ):
         """The stock ``generate`` with compressed visual tokens (greedy unless told otherwise); the
         output has the stock layout (prompt + new ids for transformers' models, new ids only for
-        the original LLaVA's)."""
+        the original LLaVA's). ``question_mask=`` (bool, shaped like ``input_ids``) marks the
+        question for text-aware methods; without it they read every text token of the prompt."""
         input_ids, batch = self._batch(input_ids, inputs, images, pixel_values, attention_mask, kwargs)
         kwargs.pop("image_sizes", None)  # LLaVA-1.5's stock generate accepts and ignores it too
         generated, _ = self.sparsezip.generate(batch, **kwargs)
@@ -187,10 +189,11 @@ def sparsezip(
     checkpoint of the same shapes a warning.
 
     Text-aware methods (CDPruner, SparseZip's ``cross_beta`` / ``instruction_beta`` terms) read
-    the question from the prompt. Here the prompt is the user's ``input_ids``, whose question span
-    is unknown, so they read every text token of it (system prompt and role words included); the
-    CLI and the lmms-eval model render the prompt themselves and read the question alone. Their
-    selections can therefore differ slightly from the CLI's on the same image and question.
+    the question from the prompt. The CLI and the lmms-eval model render the prompt themselves and
+    read the question alone. Here the prompt is the user's ``input_ids``: pass
+    ``question_mask=`` (bool, shaped like ``input_ids``, True on the question's tokens) to
+    ``generate`` / ``forward`` for the same selections as the CLI; without it they read every text
+    token of the prompt (system prompt and role words included).
     """
     if isinstance(model, SparseZipModel):
         raise TypeError("the model is already wrapped; unwrap(model) first")

@@ -104,3 +104,53 @@ def test_build_config_rejects_unknown_fields():
         build_config(not_a_field=1)
     with pytest.raises(ValueError, match="unknown method 'nope'; known methods: .*visionzip"):
         build_config(method="nope")
+
+
+QUESTION_FAMILIES = {"hf": [(336, 336), (200, 300)], "llava-next": [(60, 100), (130, 50)],
+                     "llava-onevision": [(80, 120), (150, 60)], "qwen2.5-vl": [(80, 120), (150, 60)]}
+
+
+@pytest.mark.parametrize("family_name", list(QUESTION_FAMILIES))
+def test_question_mask_gives_text_aware_methods_the_clis_question(family_name):
+    """``question_mask=`` over the user's ``input_ids`` reaches the batch as the CLI's own question
+    (the same tokens, after the image placeholders are collapsed and the rows left-packed); without
+    it the question is every text token. Through the API, CDPruner then answers as in the CLI."""
+    from vl_family_helpers import processor_inputs, samples_of
+
+    from sparsezip_pl.models import CompressedLlava, load_family
+    from sparsezip_pl.models.tiny import cached_tiny_llava_next
+
+    path = cached_tiny_llava_next(family_name, image_size=56) if "next" in family_name else cached_tiny_llava(family_name)
+    family = load_family(family_name, str(path))
+    samples = samples_of(QUESTION_FAMILIES[family_name])
+    cli = family.batch_builder("generate")(samples)
+    inputs = processor_inputs(family.processor, samples)
+    ids = inputs["input_ids"]
+    question_mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row in range(len(samples)):  # the user marks the question's tokens in their own ids
+        question = cli["input_ids"][row][cli["question_mask"][row]].tolist()
+        start = next(i for i in range(ids.shape[1]) if ids[row, i:i + len(question)].tolist() == question)
+        question_mask[row, start:start + len(question)] = True
+    extra = {name: inputs[name] for name in family.stock_input_names if name in inputs}
+
+    def batch(**kwargs):
+        return family.batch_from_stock_inputs(ids, inputs["attention_mask"], inputs["pixel_values"], **extra, **kwargs)
+
+    marked, default = batch(question_mask=question_mask), batch()
+    assert torch.equal(marked["input_ids"], cli["input_ids"])
+    assert torch.equal(marked["question_mask"], cli["question_mask"])
+    assert (default["question_mask"] & ~marked["question_mask"]).any(1).all()  # roles and template words too
+    with pytest.raises(ValueError, match="question_mask has shape"):
+        batch(question_mask=question_mask[:, 1:])
+    with pytest.raises(ValueError, match=r"marks no text token in row\(s\) \[1\]"):
+        batch(question_mask=question_mask & (torch.arange(len(samples)) == 0)[:, None])
+
+    if family_name == "hf":
+        config = {"method": "cdpruner", "budget": 8}
+        wrapped = sparsezip(family.model, **config)
+        try:
+            through_api = wrapped.generate(**inputs, question_mask=question_mask, max_new_tokens=4)[:, ids.shape[1]:]
+        finally:
+            unwrap(wrapped)
+        expected, _ = CompressedLlava(family, config).generate(cli, max_new_tokens=4)
+        assert torch.equal(through_api, expected)

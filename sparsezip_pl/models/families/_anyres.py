@@ -50,7 +50,7 @@ from sparsezip_pl.models.anyres import (
 )
 from sparsezip_pl.models.batching import ImagePreprocessor
 from sparsezip_pl.models.capture import encode_with_capture
-from sparsezip_pl.models.families.base import is_stock
+from sparsezip_pl.models.families.base import is_stock, pack_stock_ids
 
 
 class AnyresFamily:
@@ -244,11 +244,10 @@ class AnyresFamily:
     stock_input_names = ("image_sizes",)
 
     def _pack_anyres_inputs(self, input_ids: torch.Tensor, keep: torch.Tensor, has_image: torch.Tensor,
-                            pixel_values: Any, sizes: list[tuple[int, int]]) -> dict[str, Any]:
+                            pixel_values: Any, sizes: list[tuple[int, int]],
+                            question_mask: torch.Tensor | None = None) -> dict[str, Any]:
         """Left-pack the kept ids; one [max views, 3, S, S] pixel row and one (height, width) per
         sample (zeros for text-only samples)."""
-        from sparsezip_pl.models.splice import left_pack
-
         batch_size = input_ids.shape[0]
         flags = has_image.tolist()
         images = _as_views(pixel_values)
@@ -268,11 +267,11 @@ class AnyresFamily:
                 raise ValueError(f"an image of size {tuple(hw)} needs {needed} views, pixel_values hold {image.shape[0]}")
             pixels[row, :needed] = image[:needed].to(self.device)
             image_sizes[row] = torch.tensor(hw)
-        ids, attention, _ = left_pack(input_ids, keep, self.pad_token_id)
+        ids, attention, question = pack_stock_ids(input_ids, keep, self.pad_token_id, self.image_token_id, question_mask)
         return {
             "input_ids": ids,
             "attention_mask": attention,
-            "question_mask": attention.bool() & (ids != self.image_token_id),
+            "question_mask": question,
             "pixel_values": pixels,
             "image_sizes": image_sizes,
             "has_image": has_image,

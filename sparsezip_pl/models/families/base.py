@@ -238,12 +238,11 @@ class ModelFamily:
         raise NotImplementedError
 
     def _pack_stock_inputs(self, input_ids: torch.Tensor, real: torch.Tensor, keep: torch.Tensor,
-                           has_image: torch.Tensor, pixel_values: Any) -> dict[str, Any]:
+                           has_image: torch.Tensor, pixel_values: Any,
+                           question_mask: torch.Tensor | None = None) -> dict[str, Any]:
         """Left-pack the kept ids and give every sample a pixel row (zeros for text-only ones)."""
-        from sparsezip_pl.models.splice import left_pack
-
         batch_size = input_ids.shape[0]
-        ids, attention, _ = left_pack(input_ids, keep, self.pad_token_id)
+        ids, attention, question = pack_stock_ids(input_ids, keep, self.pad_token_id, self.image_token_id, question_mask)
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack([p if p.dim() == 3 else p.squeeze(0) for p in pixel_values])
         if pixel_values is None:
@@ -259,7 +258,7 @@ class ModelFamily:
         return {
             "input_ids": ids,
             "attention_mask": attention,
-            "question_mask": attention.bool() & (ids != self.image_token_id),
+            "question_mask": question,
             "pixel_values": pixel_values,
             "has_image": has_image,
         }
@@ -395,3 +394,27 @@ def is_stock(method) -> bool:
     """Whether ``method`` is the stock path (method ``none``): the legacy ``Compressor`` names its
     method in ``method``, the registered method modules in ``method_name``."""
     return getattr(method, "method", getattr(method, "method_name", None)) == "none"
+
+
+def pack_stock_ids(input_ids: torch.Tensor, keep: torch.Tensor, pad_token_id: int, image_token_id: int,
+                   question_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A user's stock ``input_ids`` with only the ``keep`` positions, left-padded: ids, attention
+    mask and question mask. The question (what text-aware methods read) is the user's
+    ``question_mask`` [B, L] over ``input_ids`` where given, else every text token of the prompt."""
+    from sparsezip_pl.models.splice import left_pack
+
+    extra = None
+    if question_mask is not None:
+        question_mask = torch.as_tensor(question_mask, device=input_ids.device)
+        if question_mask.shape != input_ids.shape:
+            raise ValueError(f"question_mask has shape {tuple(question_mask.shape)}; it must mark the tokens of "
+                             f"input_ids, shape {tuple(input_ids.shape)}")
+        extra = {"question_mask": question_mask.long()}
+    ids, attention, packed = left_pack(input_ids, keep, pad_token_id, extra)
+    question = attention.bool() & (ids != image_token_id)
+    if question_mask is not None:
+        question = question & packed["question_mask"].bool()
+        empty = (~question.any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"question_mask marks no text token in row(s) {empty} of input_ids")
+    return ids, attention, question

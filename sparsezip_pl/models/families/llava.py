@@ -220,7 +220,7 @@ class OriginalLlavaBackend(ModelFamily):
         input_ids = input_ids.to(self.device)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
         has_image = ((input_ids == self.image_token_id) & real).any(1)
-        return self._pack_stock_inputs(input_ids, real, real, has_image, images)
+        return self._pack_stock_inputs(input_ids, real, real, has_image, images, extra.get("question_mask"))
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:

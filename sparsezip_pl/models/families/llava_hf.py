@@ -91,7 +91,8 @@ class HFLlavaBackend(ModelFamily):
             raise NotImplementedError("more than one image per sample is not supported")
         if bool(((is_image.sum(1) != self.num_patches) & (runs == 1)).any()):
             raise ValueError(f"each image needs {self.num_patches} consecutive {self.image_token_id} placeholders")
-        return self._pack_stock_inputs(input_ids, real, real & (~is_image | first), runs == 1, images)
+        return self._pack_stock_inputs(input_ids, real, real & (~is_image | first), runs == 1, images,
+                                       extra.get("question_mask"))
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:

@@ -123,7 +123,7 @@ class OriginalLlavaNextBackend(AnyresFamily, OriginalLlavaBackend):
         if image_sizes is None and bool(has_image.any()):
             raise ValueError("LLaVA-1.6's generate needs image_sizes=[image.size for each image] (width, height)")
         sizes = [] if image_sizes is None else [(int(h), int(w)) for w, h in image_sizes]
-        return self._pack_anyres_inputs(input_ids, real, has_image, images, sizes)
+        return self._pack_anyres_inputs(input_ids, real, has_image, images, sizes, extra.get("question_mask"))
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:

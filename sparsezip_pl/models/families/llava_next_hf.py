@@ -118,7 +118,8 @@ class HFLlavaNextBackend(AnyresFamily, HFLlavaBackend):
                 f"each image needs its stock number of {self.image_token_id} placeholders: found {counts}, "
                 f"the image sizes {sizes} give {expected}"
             )
-        return self._pack_anyres_inputs(input_ids, real & (~is_image | first), has_image, images, sizes)
+        return self._pack_anyres_inputs(input_ids, real & (~is_image | first), has_image, images, sizes,
+                                        extra.get("question_mask"))
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
         if self.tokenizer is None or self.image_processor is None:

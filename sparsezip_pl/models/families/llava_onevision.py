@@ -70,9 +70,8 @@ from sparsezip_pl.models.families._vl_common import (
     received_attention,
     single_image_runs,
 )
-from sparsezip_pl.models.families.base import BatchMode, ModelFamily, is_stock, register_family
+from sparsezip_pl.models.families.base import BatchMode, ModelFamily, is_stock, pack_stock_ids, register_family
 from sparsezip_pl.models.loading import freeze, is_offline, resolve_pretrained, torch_dtype
-from sparsezip_pl.models.splice import left_pack
 
 ViewMode = Literal["image", "view"]
 Newlines = Literal["rows", "all", "none"]
@@ -628,11 +627,12 @@ class LlavaOnevisionFamily(ModelFamily):
             pixel_values = images.new_zeros(batch_size, *images.shape[1:])
             pixel_values[has_image] = images
             sizes[has_image] = image_sizes
-        ids, attention, _ = left_pack(input_ids, real & (~is_image | first), self.pad_token_id)
+        ids, attention, question = pack_stock_ids(input_ids, real & (~is_image | first), self.pad_token_id,
+                                                  self.image_token_id, extra.get("question_mask"))
         return {
             "input_ids": ids,
             "attention_mask": attention,
-            "question_mask": attention.bool() & (ids != self.image_token_id),
+            "question_mask": question,
             "pixel_values": pixel_values,
             "image_sizes": sizes,
             "batch_num_images": has_image.long(),

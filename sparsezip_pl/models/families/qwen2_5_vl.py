@@ -68,9 +68,8 @@ from sparsezip_pl.models.families._vl_common import (
     received_attention,
     single_image_runs,
 )
-from sparsezip_pl.models.families.base import BatchMode, ModelFamily, register_family
+from sparsezip_pl.models.families.base import BatchMode, ModelFamily, pack_stock_ids, register_family
 from sparsezip_pl.models.loading import freeze, is_offline, resolve_pretrained, torch_dtype
-from sparsezip_pl.models.splice import left_pack
 
 #: Qwen2VLImageProcessor's default max_pixels (28 * 28 * 1280: 1280 merged tokens) when none is known
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
@@ -392,11 +391,12 @@ class Qwen25VLFamily(ModelFamily):
             pixel_values = rows.new_zeros(batch_size, rows.shape[1], features)
             pixel_values[has_image] = rows
             grid[has_image] = thw
-        ids, attention, _ = left_pack(input_ids, real & (~is_image | first), self.pad_token_id)
+        ids, attention, question = pack_stock_ids(input_ids, real & (~is_image | first), self.pad_token_id,
+                                                  self.image_token_id, extra.get("question_mask"))
         return {
             "input_ids": ids,
             "attention_mask": attention,
-            "question_mask": attention.bool() & (ids != self.image_token_id),
+            "question_mask": question,
             "pixel_values": pixel_values,
             "image_grid_thw": grid,
             "has_image": has_image,
