@@ -2,7 +2,6 @@
 tiny LLaVA (64 patches) at 16 tokens, on a small synthetic world."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

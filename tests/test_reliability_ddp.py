@@ -74,8 +74,8 @@ def test_test_with_two_processes_scores_each_sample_once(tmp_path, world, tiny_m
                           "max_per_category": 1, "batch_size": 2}}
     # 8 MME questions then 1 POPE question: rank 0 gets samples 0, 2, 4, 6, 8 (the POPE one),
     # rank 1 gets 1, 3, 5, 7 and a repeat of sample 0.
-    one = main(["test", "--config", _config(tmp_path / "one.yaml", tiny_model, data, 1,
-                                            predictions={"output_dir": str(tmp_path / "p1")})])
+    main(["test", "--config", _config(tmp_path / "one.yaml", tiny_model, data, 1,
+                                      predictions={"output_dir": str(tmp_path / "p1")})])
     expected = json.loads((tmp_path / "one" / "results.json").read_text())
     _run_two_processes("test", _config(tmp_path / "two.yaml", tiny_model, data, 2,
                                        predictions={"output_dir": str(tmp_path / "p2")}), tmp_path)

@@ -17,7 +17,6 @@ from sparsezip_pl.cli import main
 from sparsezip_pl.data.synthetic import generate_world
 from sparsezip_pl.lit.callbacks import NoUsableSamplesError, write_official_files
 from sparsezip_pl.lit.run_folder import LOCK_NAME, RECORD_NAME, RunFolder, RunFolderError
-from sparsezip_pl.models.tiny import cached_tiny_llava
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = str(REPO / "checkpoints" / "tiny-llava-synth")

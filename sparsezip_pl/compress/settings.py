@@ -86,7 +86,7 @@ def _post_init(self) -> None:
             moves.append(f"{key} -> visionzip.dominant")
         elif self.method == "visionzip" and key == "merging":
             self.visionzip = dataclasses.replace(self.visionzip, contextual=value.contextual_num)
-            moves.append(f"merging.contextual_num -> visionzip.contextual")
+            moves.append("merging.contextual_num -> visionzip.contextual")
         else:
             self.sparsezip = dataclasses.replace(self.sparsezip, **{key: value})
             moves.append(f"{key} -> sparsezip.{key}")

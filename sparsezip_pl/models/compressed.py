@@ -4,7 +4,6 @@ vision tower and its LLM (vision side) or inside its decoder (LLM side)."""
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal

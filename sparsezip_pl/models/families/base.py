@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sparsezip_pl.compress.types import CompressionOutput, Geometry, VisionCapture
+from sparsezip_pl.models.batching import BatchBuilder, ChatTemplateFormat, Tokenization
 from sparsezip_pl.models.capture import encode_with_capture
 from sparsezip_pl.models.llm_hook import default_apply_rotary
 from sparsezip_pl.models.loading import find_projector, find_vision_tower
@@ -371,6 +372,27 @@ class ModelFamily:
     def batch_builder(self, mode: BatchMode):
         """A picklable collate function ``list[dict] -> dict`` (see :mod:`sparsezip_pl.models.batching`)."""
         raise NotImplementedError
+
+    def chat_template_builder(self, mode: BatchMode, max_length: int | None, images, builder=None, **kwargs):
+        """The batch builder of a family loaded with a transformers processor: the processor's chat
+        template, one ``image_token_id`` placeholder per image, ``images`` the image preprocessor
+        and ``builder`` the builder class (:class:`~sparsezip_pl.models.batching.BatchBuilder`)."""
+        if self.tokenizer is None or self.image_processor is None:
+            raise ValueError("batch_builder needs the model's processor (load with load_family)")
+        processor = getattr(self, "processor", None)
+        template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError("the processor has no chat template")
+        return (builder or BatchBuilder)(
+            mode,
+            ChatTemplateFormat(self.tokenizer, template),
+            Tokenization(self.tokenizer, self.image_token_id, split_on_marker=False),
+            images,
+            pad_token_id=self.pad_token_id,
+            eos_token=self.tokenizer.eos_token,
+            max_length=max_length,
+            **kwargs,
+        )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Generated ids -> stripped texts (special tokens and padding dropped)."""

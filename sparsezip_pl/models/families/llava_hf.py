@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from sparsezip_pl.models.batching import BatchBuilder, ChatTemplateFormat, ImagePreprocessor, Tokenization
+from sparsezip_pl.models.batching import BatchBuilder, ImagePreprocessor
+from sparsezip_pl.models.families._vl_common import single_image_runs
 from sparsezip_pl.models.families.base import BatchMode, ModelFamily, register_family
 from sparsezip_pl.models.loading import freeze, is_offline, resolve_pretrained, torch_dtype
 
@@ -84,28 +85,11 @@ class HFLlavaBackend(ModelFamily):
         """The processor wrote N placeholders per image; the first of each run stands for it."""
         input_ids = input_ids.to(self.device)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
-        is_image = (input_ids == self.image_token_id) & real
-        first = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-        runs = first.sum(1)
-        if bool((runs > 1).any()):
-            raise NotImplementedError("more than one image per sample is not supported")
-        if bool(((is_image.sum(1) != self.num_patches) & (runs == 1)).any()):
+        is_image, first, run = single_image_runs(input_ids, real, self.image_token_id)
+        if bool(((run != self.num_patches) & (run > 0)).any()):
             raise ValueError(f"each image needs {self.num_patches} consecutive {self.image_token_id} placeholders")
-        return self._pack_stock_inputs(input_ids, real, real & (~is_image | first), runs == 1, images,
+        return self._pack_stock_inputs(input_ids, real, real & (~is_image | first), run > 0, images,
                                        extra.get("question_mask"))
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
-        if self.tokenizer is None or self.image_processor is None:
-            raise ValueError("batch_builder needs the model's processor (load with load_backend)")
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("the processor has no chat template")
-        return BatchBuilder(
-            mode,
-            ChatTemplateFormat(self.tokenizer, template),
-            Tokenization(self.tokenizer, self.image_token_id, split_on_marker=False),
-            ImagePreprocessor(self.image_processor, pad_to_square=False),
-            pad_token_id=self.pad_token_id,
-            eos_token=self.tokenizer.eos_token,
-            max_length=max_length,
-        )
+        return self.chat_template_builder(mode, max_length, ImagePreprocessor(self.image_processor, pad_to_square=False))

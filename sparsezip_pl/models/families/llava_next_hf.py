@@ -15,8 +15,9 @@ import os
 import torch
 
 from sparsezip_pl.models.anyres import Tiling, max_views, unpad_window
-from sparsezip_pl.models.batching import BatchBuilder, ChatTemplateFormat, Tokenization
+from sparsezip_pl.models.batching import BatchBuilder
 from sparsezip_pl.models.families._anyres import AnyresFamily, AnyresImages
+from sparsezip_pl.models.families._vl_common import single_image_runs
 from sparsezip_pl.models.families.base import BatchMode, register_family
 from sparsezip_pl.models.families.llava_hf import HFLlavaBackend
 from sparsezip_pl.models.loading import freeze, is_offline, resolve_pretrained, torch_dtype
@@ -104,14 +105,10 @@ class HFLlavaNextBackend(AnyresFamily, HFLlavaBackend):
             raise ValueError("LLaVA-NeXT's generate needs image_sizes (the processor's output) beside pixel_values")
         input_ids = input_ids.to(self.device)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
-        is_image = (input_ids == self.image_token_id) & real
-        first = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-        runs = first.sum(1)
-        if bool((runs > 1).any()):
-            raise NotImplementedError("more than one image per sample is not supported")
+        is_image, first, run = single_image_runs(input_ids, real, self.image_token_id)
         sizes = [] if image_sizes is None else [tuple(int(v) for v in size) for size in torch.as_tensor(image_sizes).tolist()]
-        has_image = runs == 1
-        counts = is_image.sum(1)[has_image].tolist()
+        has_image = run > 0
+        counts = run[has_image].tolist()
         expected = [self.stock_tokens(size) for size in sizes]
         if len(counts) == len(expected) and counts != expected:
             raise ValueError(
@@ -122,20 +119,8 @@ class HFLlavaNextBackend(AnyresFamily, HFLlavaBackend):
                                         extra.get("question_mask"))
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> BatchBuilder:
-        if self.tokenizer is None or self.image_processor is None:
-            raise ValueError("batch_builder needs the model's processor (load with load_family)")
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("the processor has no chat template")
-        return BatchBuilder(
-            mode,
-            ChatTemplateFormat(self.tokenizer, template),
-            Tokenization(self.tokenizer, self.image_token_id, split_on_marker=False),
-            AnyresImages(self.image_processor, self.tower_image_size, _ProcessorViews(self.image_processor)),
-            pad_token_id=self.pad_token_id,
-            eos_token=self.tokenizer.eos_token,
-            max_length=max_length,
-        )
+        views = AnyresImages(self.image_processor, self.tower_image_size, _ProcessorViews(self.image_processor))
+        return self.chat_template_builder(mode, max_length, views)
 
 
 class _ProcessorViews:

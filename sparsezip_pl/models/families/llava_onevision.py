@@ -53,7 +53,6 @@ from torch import nn
 
 from sparsezip_pl.compress.types import CompressionOutput, VisionCapture
 from sparsezip_pl.models.anyres import views_per_sample
-from sparsezip_pl.models.batching import ChatTemplateFormat, Tokenization
 from sparsezip_pl.models.capture import find_vision_encoder, num_layers_to_run, scoring_layer_position
 from sparsezip_pl.models.families._vl_common import (
     TINY_TEXTS,
@@ -640,20 +639,8 @@ class LlavaOnevisionFamily(ModelFamily):
         }
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> FamilyBatchBuilder:
-        if self.tokenizer is None or self.image_processor is None:
-            raise ValueError("batch_builder needs the model's processor (load with load_family)")
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("the processor has no chat template")
-        return FamilyBatchBuilder(
-            mode,
-            ChatTemplateFormat(self.tokenizer, template),
-            Tokenization(self.tokenizer, self.image_token_id, split_on_marker=False),
-            OneVisionImages(self.image_processor, pad_to_square=False),
-            pad_token_id=self.pad_token_id,
-            eos_token=self.tokenizer.eos_token,
-            max_length=max_length,
-        )
+        images = OneVisionImages(self.image_processor, pad_to_square=False)
+        return self.chat_template_builder(mode, max_length, images, FamilyBatchBuilder)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={type(self.model).__name__}, view_mode={self.view_mode}, "

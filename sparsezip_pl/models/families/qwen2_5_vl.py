@@ -50,7 +50,6 @@ import torch
 from torch import nn
 
 from sparsezip_pl.compress.types import CompressionOutput, VisionCapture
-from sparsezip_pl.models.batching import ChatTemplateFormat, Tokenization
 from sparsezip_pl.models.capture import scoring_layer_position
 from sparsezip_pl.models.families._vl_common import (
     TINY_TEXTS,
@@ -403,21 +402,8 @@ class Qwen25VLFamily(ModelFamily):
         }
 
     def batch_builder(self, mode: BatchMode, max_length: int | None = None) -> FamilyBatchBuilder:
-        if self.tokenizer is None or self.image_processor is None:
-            raise ValueError("batch_builder needs the model's processor (load with load_family)")
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise ValueError("the processor has no chat template")
-        return FamilyBatchBuilder(
-            mode,
-            ChatTemplateFormat(self.tokenizer, template),
-            Tokenization(self.tokenizer, self.image_token_id, split_on_marker=False),
-            QwenImages(self.image_processor, pad_to_square=False),
-            pad_token_id=self.pad_token_id,
-            eos_token=self.tokenizer.eos_token,
-            max_length=max_length,
-            extra_fields=image_token_types(self.image_token_id),
-        )
+        return self.chat_template_builder(mode, max_length, QwenImages(self.image_processor, pad_to_square=False),
+                                          FamilyBatchBuilder, extra_fields=image_token_types(self.image_token_id))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={type(self.model).__name__}, vision={self.vision_num_layers}x"
