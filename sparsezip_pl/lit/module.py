@@ -295,12 +295,9 @@ class SparseZipModule(L.LightningModule):
             weight = self.hparams.distill_weight if self.objective == "mix" else 1.0
             terms.append(("distill", weight, *self._distillation(out, teacher)))
         # The budget is per image: text-only samples (which a family may still run through the
-        # compressor on a blank image) take no part in it.
-        compression = out.compression
-        expected = compression.expected_tokens.float()
-        images = expected.new_ones(expected.shape) if compression.stock_tokens is None \
-            else (compression.stock_tokens > 0).to(expected.dtype)
-        expected = expected * images
+        # compressor on a blank image; their stock count is 0) take no part in it.
+        images = (out.compression.stock_tokens > 0).float()
+        expected = out.compression.expected_tokens.float() * images
         local = torch.stack([t[2].detach() for t in terms] + [t[3] for t in terms]
                             + [expected.sum().detach(), images.sum()])
         totals = self._all_sum(local)
